@@ -1,0 +1,26 @@
+"""The one attention entry point of the UNet, and the hook through which adapters change it.
+
+Every cross-attention layer of the UNet computes its heads' q, k, v and then either calls
+:func:`attention` or, when a hook is given, ``hook(layer, q, k, v)``. Everything an adapter
+does to a layer (image tokens, λ per layer, later masks, step ranges, several adapters)
+lives behind that hook; the UNet never changes for it.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from kernels import decoupled_attention
+
+
+class CrossAttentionHook(Protocol):
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Return the attention output for cross-attention ``layer`` (0..15, in the order the
+        UNet runs them). q, k, v are (batch, heads, length, head_dim); so is the result."""
+        ...
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Plain softmax(QKᵀ/√d)V for (batch, heads, length, head_dim) tensors."""
+    return decoupled_attention(q, k, v)

@@ -1,0 +1,1 @@
+"""Benchmarks: python -m benchmarks.attention (see its --help)."""

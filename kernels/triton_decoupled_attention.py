@@ -1,0 +1,279 @@
+"""Fused IP-Adapter decoupled cross-attention in Triton.
+
+    out = softmax(Q K_tᵀ/√d) V_t + λ · softmax(Q K_iᵀ/√d) V_i
+
+One program owns BLOCK_M query rows of one (batch, head). It loads those rows of Q once,
+runs an online softmax over the text keys, then a second, independent online softmax over
+the image keys (two (m, l, acc) states: two normalizers, not one softmax over both key sets),
+and writes acc_t/l_t + λ·acc_i/l_i to O once. Logits and accumulators are fp32; O has q's
+dtype.
+
+Every tensor is addressed through its four strides, so the (B, L, H·d) projections the
+UNet produces go in as ``x.view(B, L, H, d).transpose(1, 2)`` without a copy, and O is
+allocated with q's memory layout (``torch.empty_like``), so the caller's
+``out.transpose(1, 2).reshape(B, L, H·d)`` is free too.
+
+Head dims that are not powers of two (SD1.5: 40, 80, 160) are padded to the next power of
+two (64, 128, 256) inside the block and masked on load and store; the head dim is a
+compile-time constant, so the mask is uniform over 8-element chunks and loads stay
+vectorised. Every tl.dot dimension is ≥ 16 (the GPU rejects smaller ones; the interpreter
+does not).
+
+This module imports triton at import time; ``kernels.decoupled_attention`` imports it only
+on first use. Nothing here touches ``triton.runtime.driver.active`` or autotuning, so it
+also runs under ``TRITON_INTERPRET=1`` on CPU tensors (fp32 and fp16; bf16 is silently wrong
+in the interpreter).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _online_softmax_pass(
+    q, acc, m_i, l_i,
+    k_base, v_base, stride_kl, stride_vl, length,
+    offs_d, d_mask, qk_scale,
+    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Fold all ``length`` keys at k_base / v_base into one online-softmax state."""
+    offs_n0 = tl.arange(0, BLOCK_N)
+    for start_n in range(0, length, BLOCK_N):
+        offs_n = start_n + offs_n0
+        n_mask = offs_n < length
+        # K is loaded transposed, [BLOCK_D, BLOCK_N]; V as [BLOCK_N, BLOCK_D].
+        k = tl.load(k_base + offs_n[None, :] * stride_kl + offs_d[:, None],
+                    mask=d_mask[:, None] & n_mask[None, :], other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vl + offs_d[None, :],
+                    mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+        s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale  # log2 domain
+        # Every block holds at least one real key (start_n < length), so m_new is finite.
+        s = tl.where(n_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _decoupled_attention_kernel(
+    Q, KT, VT, KI, VI, O, LAM,
+    stride_qb, stride_qh, stride_ql,
+    stride_ktb, stride_kth, stride_ktl,
+    stride_vtb, stride_vth, stride_vtl,
+    stride_kib, stride_kih, stride_kil,
+    stride_vib, stride_vih, stride_vil,
+    stride_ob, stride_oh, stride_ol,
+    n_heads, len_q, len_t, len_i, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_NT: tl.constexpr, BLOCK_NI: tl.constexpr, ALIGN: tl.constexpr,
+    LAM_IS_PTR: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    # One flat grid: query blocks fastest, then (batch, head); no 65535 limit on B·H.
+    pid = tl.program_id(0)
+    n_m_blocks = tl.cdiv(len_q, BLOCK_M)
+    pid_m = pid % n_m_blocks
+    pid_bh = pid // n_m_blocks
+    b = (pid_bh // n_heads).to(tl.int64)
+    h = (pid_bh % n_heads).to(tl.int64)
+
+    # ALIGN divides every row/head/batch stride (checked on the host): tells the compiler
+    # that each row starts ALIGN-element aligned (d = 40 in a (B, L, H·d) layout has an
+    # 80-byte head stride that it could not otherwise prove 16-byte aligned).
+    q_base = Q + tl.multiple_of(b * stride_qb + h * stride_qh, ALIGN)
+    kt_base = KT + tl.multiple_of(b * stride_ktb + h * stride_kth, ALIGN)
+    vt_base = VT + tl.multiple_of(b * stride_vtb + h * stride_vth, ALIGN)
+    ki_base = KI + tl.multiple_of(b * stride_kib + h * stride_kih, ALIGN)
+    vi_base = VI + tl.multiple_of(b * stride_vib + h * stride_vih, ALIGN)
+    o_base = O + tl.multiple_of(b * stride_ob + h * stride_oh, ALIGN)
+    stride_ql = tl.multiple_of(stride_ql, ALIGN)
+    stride_ol = tl.multiple_of(stride_ol, ALIGN)
+    stride_ktl = tl.multiple_of(stride_ktl, ALIGN)
+    stride_vtl = tl.multiple_of(stride_vtl, ALIGN)
+    stride_kil = tl.multiple_of(stride_kil, ALIGN)
+    stride_vil = tl.multiple_of(stride_vil, ALIGN)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_mask = offs_m < len_q
+    d_mask = offs_d < HEAD_DIM
+    qo_mask = m_mask[:, None] & d_mask[None, :]
+
+    # Q is read once and serves both passes. Rows past len_q load zeros: they stay finite
+    # (uniform softmax) and are never stored.
+    q = tl.load(q_base + offs_m[:, None] * stride_ql + offs_d[None, :], mask=qo_mask, other=0.0)
+
+    m_t = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_t = tl.zeros([BLOCK_M], tl.float32)
+    acc_t = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    acc_t, m_t, l_t = _online_softmax_pass(
+        q, acc_t, m_t, l_t, kt_base, vt_base, stride_ktl, stride_vtl, len_t,
+        offs_d, d_mask, qk_scale, BLOCK_NT, DOT_PRECISION)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc_i = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    acc_i, m_i, l_i = _online_softmax_pass(
+        q, acc_i, m_i, l_i, ki_base, vi_base, stride_kil, stride_vil, len_i,
+        offs_d, d_mask, qk_scale, BLOCK_NI, DOT_PRECISION)
+
+    if LAM_IS_PTR:
+        lam = tl.load(LAM).to(tl.float32)
+    else:
+        lam = LAM
+    out = acc_t * (1.0 / l_t)[:, None] + acc_i * (lam / l_i)[:, None]
+    tl.store(o_base + offs_m[:, None] * stride_ol + offs_d[None, :],
+             out.to(O.dtype.element_ty), mask=qo_mask)
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Launch parameters. Chosen per head dim, not autotuned (see ``default_config``)."""
+
+    block_m: int
+    block_n_text: int
+    block_n_image: int
+    num_warps: int
+    num_stages: int
+
+
+def _pow2_at_least_16(n: int) -> int:
+    return max(16, triton.next_power_of_2(max(int(n), 1)))
+
+
+def default_config(head_dim: int, len_t: int, len_i: int) -> KernelConfig:
+    """Fixed block sizes per padded head dim.
+
+    Two fp32 accumulators of BLOCK_M × BLOCK_D are live during the image pass, so the
+    query block shrinks as the head dim grows. Key blocks are as small as the key count
+    allows (≥ 16 for tl.dot): 4 or 16 image tokens use a 16-wide block, not a mostly
+    masked 64-wide one. These are reasoned starting points, not measured optima; re-tune
+    with ``python -m benchmarks.attention --tune`` on a GPU.
+    """
+    block_d = _pow2_at_least_16(head_dim)
+    if block_d <= 64:
+        block_m, cap_n, warps = 128, 64, 8
+    elif block_d <= 128:
+        block_m, cap_n, warps = 64, 64, 4
+    else:
+        block_m, cap_n, warps = 64, 32, 8
+    return KernelConfig(
+        block_m=block_m,
+        block_n_text=min(cap_n, _pow2_at_least_16(len_t)),
+        block_n_image=min(cap_n, _pow2_at_least_16(len_i)),
+        num_warps=warps,
+        num_stages=2,
+    )
+
+
+def _alignment(tensors, element_size: int) -> int:
+    """Largest ALIGN (a power of two, at most 16 bytes' worth of elements) dividing every
+    base address and every batch/head/row stride of ``tensors`` (strides of size-1 dims
+    are never multiplied by anything but 0, so they do not count)."""
+    align = max(1, 16 // element_size)
+    while align > 1:
+        ok = all(t.data_ptr() % (align * element_size) == 0 for t in tensors) and all(
+            s % align == 0 for t in tensors for s, n in zip(t.stride()[:3], t.shape[:3]) if n > 1)
+        if ok:
+            return align
+        align //= 2
+    return 1
+
+
+MAX_HEAD_DIM = 256
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def check_inputs(q, k_text, v_text, k_image, v_image) -> None:
+    """Raise ValueError unless the five tensors can go to the kernel."""
+    ts = (q, k_text, v_text, k_image, v_image)
+    names = ("q", "k_text", "v_text", "k_image", "v_image")
+    for name, t in zip(names, ts):
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be (batch, heads, length, head_dim), got {tuple(t.shape)}")
+        if t.dtype != q.dtype:
+            raise ValueError(f"{name} is {t.dtype}, q is {q.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device}, q on {q.device}")
+        if t.stride(3) != 1:
+            raise ValueError(f"{name} must be contiguous along head_dim (stride {t.stride(3)})")
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"dtype {q.dtype} not supported (fp16, bf16, fp32)")
+    B, H, _, D = q.shape
+    if not 0 < D <= MAX_HEAD_DIM:
+        raise ValueError(f"head_dim {D} outside 1..{MAX_HEAD_DIM}")
+    for name, t in zip(names[1:], ts[1:]):
+        if t.shape[0] != B or t.shape[1] != H or t.shape[3] != D:
+            raise ValueError(f"{name} {tuple(t.shape)} does not match q {tuple(q.shape)}")
+    if k_text.shape[2] != v_text.shape[2] or k_image.shape[2] != v_image.shape[2]:
+        raise ValueError("keys and values must have the same length")
+    if k_text.shape[2] == 0 or k_image.shape[2] == 0:
+        raise ValueError("the kernel needs at least one text and one image token")
+
+
+def decoupled_attention_triton(q, k_text, v_text, k_image, v_image, scale=1.0,
+                               config: KernelConfig | None = None) -> torch.Tensor:
+    """Launch the fused kernel. Any device Triton can run on (CUDA, or CPU tensors under
+    TRITON_INTERPRET=1). ``scale`` is λ: a Python number or a 0-dim tensor (read on the
+    device, no host sync). No autograd."""
+    check_inputs(q, k_text, v_text, k_image, v_image)
+    B, H, Lq, D = q.shape
+    Lt, Li = k_text.shape[2], k_image.shape[2]
+    cfg = config or default_config(D, Lt, Li)
+
+    # Same memory layout as q: for q = x.view(B, L, H, d).transpose(1, 2) the result is
+    # (B, L, H·d)-contiguous underneath.
+    out = torch.empty_like(q)
+    if out.stride(3) != 1:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if Lq == 0 or B * H == 0:
+        return out
+
+    if isinstance(scale, torch.Tensor):
+        if scale.numel() != 1:
+            raise ValueError(f"scale must be a number or a 0-dim tensor, got shape {tuple(scale.shape)}")
+        lam = scale.reshape(()).to(device=q.device, dtype=torch.float32)
+        lam_is_ptr = True
+    else:
+        lam = float(scale)  # a Python int 1 would be specialised as a constant: keep it float
+        lam_is_ptr = False
+
+    tensors = (q, k_text, v_text, k_image, v_image, out)
+    align = _alignment(tensors, q.element_size())
+    grid = (triton.cdiv(Lq, cfg.block_m) * B * H,)
+    launch = _decoupled_attention_kernel[grid]
+    args = (
+        q, k_text, v_text, k_image, v_image, out, lam,
+        q.stride(0), q.stride(1), q.stride(2),
+        k_text.stride(0), k_text.stride(1), k_text.stride(2),
+        v_text.stride(0), v_text.stride(1), v_text.stride(2),
+        k_image.stride(0), k_image.stride(1), k_image.stride(2),
+        v_image.stride(0), v_image.stride(1), v_image.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        H, Lq, Lt, Li, _LOG2E / math.sqrt(D),
+    )
+    kwargs = dict(
+        HEAD_DIM=D, BLOCK_D=_pow2_at_least_16(D), BLOCK_M=cfg.block_m,
+        BLOCK_NT=cfg.block_n_text, BLOCK_NI=cfg.block_n_image, ALIGN=align,
+        LAM_IS_PTR=lam_is_ptr,
+        # fp32 inputs get full-precision dots (SDPA's fp32 accuracy), not tf32.
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if q.is_cuda:
+        with torch.cuda.device(q.device):
+            launch(*args, **kwargs)
+    else:
+        launch(*args, **kwargs)
+    return out

@@ -1,0 +1,349 @@
+"""Fused decoupled-attention kernel: numerics, layouts, λ handling, dispatch.
+
+Without a GPU the Triton kernel runs through the interpreter (conftest sets
+TRITON_INTERPRET=1 before triton is imported), one program at a time in numpy, so shapes
+stay small: Lq ≤ 128, batch·heads ≤ 6. Reference: the same formula in float64 from the same
+(rounded) inputs.
+
+Tolerances, |out - ref64| ≤ atol + rtol·|ref64|:
+  fp32: atol 1e-5, rtol 1e-5   (ieee dots; measured ≲ 1e-6)
+  fp16: atol 1e-3, rtol 2e-3   (P rounded to fp16 before P·V, output rounded to fp16:
+                                half an fp16 ulp is 4.9e-4 relative)
+  bf16: atol 1e-2, rtol 1.6e-2 (GPU only: the interpreter computes bf16 wrongly)
+"""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kernels import decoupled_attention, decoupled_attention_reference, decoupled_attention_triton
+
+REPO = Path(__file__).resolve().parents[1]
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+TOL = {
+    torch.float32: dict(atol=1e-5, rtol=1e-5),
+    torch.float16: dict(atol=1e-3, rtol=2e-3),
+    torch.bfloat16: dict(atol=1e-2, rtol=1.6e-2),
+}
+
+
+def hypothesis_settings(max_examples: int) -> settings:
+    return settings(max_examples=max_examples, derandomize=True, deadline=None, print_blob=False,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def unet_layout(B: int, L: int, H: int, D: int, dtype, gen: torch.Generator, pad: int = 0,
+                scale: float = 1.0) -> torch.Tensor:
+    """(B, H, L, D) the way the UNet makes it: a (B, L, H·D) projection viewed per head and
+    transposed — strided, not contiguous. ``pad`` extra columns make the row stride odd-sized
+    (a slice of a wider buffer)."""
+    x = torch.randn(B, L, H * D + pad, generator=gen) * scale
+    x = x.to(DEVICE, dtype)[..., : H * D]
+    return x.view(B, L, H, D).transpose(1, 2) if pad == 0 else x.unflatten(-1, (H, D)).transpose(1, 2)
+
+
+def contiguous_layout(B, L, H, D, dtype, gen, scale=1.0):
+    return (torch.randn(B, H, L, D, generator=gen) * scale).to(DEVICE, dtype)
+
+
+def attention64(q, k, v):
+    q, k, v = (t.double() for t in (q, k, v))
+    w = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).softmax(-1)
+    return w @ v
+
+
+def reference64(q, kt, vt, ki, vi, lam):
+    return attention64(q, kt, vt) + float(lam) * attention64(q, ki, vi)
+
+
+def assert_close_to(out, ref, dtype, what=""):
+    tol = TOL[dtype]
+    assert out.dtype == dtype
+    assert torch.isfinite(out).all(), f"non-finite output {what}"
+    err = (out.double().cpu() - ref.cpu()).abs()
+    bound = tol["atol"] + tol["rtol"] * ref.cpu().abs()
+    worst = (err - bound).argmax()
+    assert (err <= bound).all(), (
+        f"{what}: max err {err.max().item():.3g}, worst at ref {ref.flatten()[worst].item():.4g} "
+        f"(allowed {tol})")
+
+
+def make_inputs(B, H, Lq, Lt, Li, D, dtype, seed, layout="unet"):
+    gen = torch.Generator().manual_seed(seed)
+    mk = unet_layout if layout == "unet" else contiguous_layout
+    return tuple(mk(B, L, H, D, dtype, gen) for L in (Lq, Lt, Lt, Li, Li))
+
+
+# ----------------------------------------------------------------------------- numerics
+
+shapes = st.fixed_dictionaries(dict(
+    B=st.integers(1, 2),
+    H=st.integers(1, 3),
+    Lq=st.sampled_from([1, 7, 33, 64, 77, 100, 128]) | st.integers(1, 128),
+    Lt=st.sampled_from([77, 154]) | st.integers(1, 200),
+    # one image (4 / 16 / 257 tokens) or several images' tokens concatenated
+    Li=st.sampled_from([4, 16, 257, 2 * 4, 3 * 16, 2 * 257]) | st.integers(1, 300),
+    D=st.sampled_from([40, 80, 160]) | st.integers(1, 256),
+    lam=st.sampled_from([1.0, 0.5, 0.0, -0.7]) | st.floats(-2.0, 2.0),
+    layout=st.sampled_from(["unet", "contiguous"]),
+    seed=st.integers(0, 2**16),
+))
+
+
+def _check_against_fp64(case, dtype):
+    q, kt, vt, ki, vi = make_inputs(case["B"], case["H"], case["Lq"], case["Lt"], case["Li"],
+                                    case["D"], dtype, case["seed"], case["layout"])
+    out = decoupled_attention_triton(q, kt, vt, ki, vi, case["lam"])
+    assert out.shape == q.shape
+    assert_close_to(out, reference64(q, kt, vt, ki, vi, case["lam"]), dtype, str(case))
+
+
+@hypothesis_settings(20)
+@given(case=shapes)
+def test_fp32_matches_fp64_reference(case):
+    _check_against_fp64(case, torch.float32)
+
+
+@hypothesis_settings(20)
+@given(case=shapes)
+def test_fp16_matches_fp64_reference(case):
+    _check_against_fp64(case, torch.float16)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="bf16 needs a GPU: the Triton interpreter computes bf16 "
+                                         "silently wrong, so a CPU run would test nothing")
+@pytest.mark.parametrize("D,Li", [(40, 4), (80, 16), (160, 257), (64, 33)])
+def test_bf16_matches_fp64_reference(D, Li):
+    q, kt, vt, ki, vi = make_inputs(2, 8, 1000, 77, Li, D, torch.bfloat16, seed=D + Li)
+    out = decoupled_attention_triton(q, kt, vt, ki, vi, 0.8)
+    assert_close_to(out, reference64(q, kt, vt, ki, vi, 0.8), torch.bfloat16, f"D={D} Li={Li}")
+
+
+@pytest.mark.parametrize("D", [40, 80, 160])
+@pytest.mark.parametrize("Li", [4, 16, 257])
+def test_sd15_head_dims_and_token_counts(D, Li):
+    """Every SD1.5 head dim × every adapter's token count, fp16, UNet layout."""
+    q, kt, vt, ki, vi = make_inputs(2, 2, 64, 77, Li, D, torch.float16, seed=D * 1000 + Li)
+    out = decoupled_attention_triton(q, kt, vt, ki, vi, 1.0)
+    assert_close_to(out, reference64(q, kt, vt, ki, vi, 1.0), torch.float16, f"D={D} Li={Li}")
+
+
+# ----------------------------------------------------------------------------- layouts
+
+def test_strided_unet_layout_without_copies(monkeypatch):
+    """q, k, v as views of (B, L, H·D + pad) buffers (row stride not a multiple of 8), image
+    tokens broadcast over the batch with stride 0: read through strides, no copy, and the
+    output keeps q's (B, L, H, D) memory layout."""
+    B, H, Lq, Lt, Li, D = 2, 2, 50, 77, 16, 40
+    gen = torch.Generator().manual_seed(0)
+    q, kt, vt = (unet_layout(B, L, H, D, torch.float32, gen, pad=3) for L in (Lq, Lt, Lt))
+    ki, vi = (unet_layout(1, Li, H, D, torch.float32, gen).expand(B, H, Li, D) for _ in range(2))
+    assert not q.is_contiguous() and q.stride() == (Lq * (H * D + 3), D, H * D + 3, 1)
+    assert ki.stride(0) == 0
+
+    def no_copies(*a, **k):
+        raise AssertionError("the kernel launcher must not copy its inputs")
+    monkeypatch.setattr(torch.Tensor, "contiguous", no_copies)
+    monkeypatch.setattr(torch.Tensor, "clone", no_copies)
+    out = decoupled_attention_triton(q, kt, vt, ki, vi, 0.6)
+    monkeypatch.undo()
+    assert_close_to(out, reference64(q, kt, vt, ki, vi, 0.6), torch.float32, "strided")
+
+    q2, kt2, vt2, ki2, vi2 = make_inputs(B, H, Lq, Lt, Li, D, torch.float16, seed=1)
+    out2 = decoupled_attention_triton(q2, kt2, vt2, ki2, vi2, 0.6)
+    assert out2.stride() == q2.stride()  # (B, L, H·D) underneath: to_out needs no copy
+    assert out2.transpose(1, 2).is_contiguous()
+
+
+# ----------------------------------------------------------------------------- λ
+
+def test_lambda_zero_gives_text_only_attention():
+    q, kt, vt, ki, vi = make_inputs(1, 2, 40, 77, 16, 80, torch.float32, seed=2)
+    out = decoupled_attention_triton(q, kt, vt, ki, vi, 0.0)
+    assert_close_to(out, attention64(q, kt, vt), torch.float32, "λ=0 kernel")
+    # through the public entry point, λ = 0 is the base model's SDPA, bit for bit
+    assert torch.equal(decoupled_attention(q, kt, vt, ki, vi, scale=0.0),
+                       F.scaled_dot_product_attention(q, kt, vt))
+    assert torch.equal(decoupled_attention(q, kt, vt, ki, vi, scale=0),
+                       F.scaled_dot_product_attention(q, kt, vt))
+
+
+@pytest.mark.parametrize("lam_dtype", [torch.float32, torch.float16, torch.float64])
+def test_lambda_as_0dim_tensor(lam_dtype):
+    q, kt, vt, ki, vi = make_inputs(2, 1, 30, 77, 4, 40, torch.float16, seed=3)
+    lam = torch.tensor(0.625, dtype=lam_dtype, device=q.device)  # exact in every dtype
+    by_tensor = decoupled_attention_triton(q, kt, vt, ki, vi, lam)
+    by_float = decoupled_attention_triton(q, kt, vt, ki, vi, 0.625)
+    assert torch.equal(by_tensor, by_float)
+    zero = decoupled_attention_triton(q, kt, vt, ki, vi, torch.tensor(0.0))
+    assert_close_to(zero, attention64(q, kt, vt), torch.float16, "λ tensor 0")
+    with pytest.raises(ValueError):
+        decoupled_attention_triton(q, kt, vt, ki, vi, torch.ones(2))
+
+
+# ----------------------------------------------------------------------------- robustness
+
+def test_long_sequences_and_large_logits_stay_finite():
+    # 2,048 text tokens (33 key blocks) and 1,028 image tokens (4 images × 257)
+    q, kt, vt, ki, vi = make_inputs(1, 1, 48, 2048, 4 * 257, 40, torch.float16, seed=4)
+    out = decoupled_attention_triton(q, kt, vt, ki, vi, 1.0)
+    assert_close_to(out, reference64(q, kt, vt, ki, vi, 1.0), torch.float16, "long")
+
+    # logits around ±1e4: exp would overflow without the running max; the result must be
+    # finite and a convex combination of the values in each branch
+    gen = torch.Generator().manual_seed(5)
+    B, H, Lq, Lt, Li, D = 1, 2, 64, 77, 16, 64
+    q = unet_layout(B, Lq, H, D, torch.float16, gen, scale=40.0)
+    kt, ki = (unet_layout(B, L, H, D, torch.float16, gen, scale=40.0) for L in (Lt, Li))
+    vt, vi = (unet_layout(B, L, H, D, torch.float16, gen) for L in (Lt, Li))
+    for lam in (1.0, 0.5):
+        out = decoupled_attention_triton(q, kt, vt, ki, vi, lam)
+        assert torch.isfinite(out).all()
+        bound = vt.abs().amax() + lam * vi.abs().amax()
+        assert (out.abs() <= bound * (1 + 2e-3)).all()
+
+    # moderately sharp softmax (logits ~ ±50) still matches fp64 closely
+    q, kt, vt, ki, vi = make_inputs(1, 2, 64, 77, 16, 40, torch.float32, seed=6)
+    q = q * 8
+    out = decoupled_attention_triton(q, kt, vt, ki, vi, 1.0)
+    assert_close_to(out, reference64(q, kt, vt, ki, vi, 1.0), torch.float32, "sharp")
+
+
+def test_rejects_bad_inputs():
+    q, kt, vt, ki, vi = make_inputs(1, 2, 8, 77, 4, 40, torch.float32, seed=7)
+    with pytest.raises(ValueError):
+        decoupled_attention_triton(q, kt, vt, ki[:, :1], vi[:, :1])  # head mismatch
+    with pytest.raises(ValueError):
+        decoupled_attention_triton(q, kt, vt, ki.half(), vi.half())  # dtype mismatch
+    with pytest.raises(ValueError):
+        decoupled_attention_triton(q, kt, vt, ki[:, :, :0], vi[:, :, :0])  # no image tokens
+    with pytest.raises(ValueError):
+        qq = torch.randn(1, 2, 8, 300)
+        decoupled_attention_triton(qq, qq, qq, qq, qq)  # head_dim > 256
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+def test_no_image_tokens_is_exactly_sdpa():
+    q, kt, vt, ki, vi = make_inputs(2, 2, 40, 77, 4, 40, torch.float32, seed=8)
+    sdpa = F.scaled_dot_product_attention(q, kt, vt)
+    assert torch.equal(decoupled_attention(q, kt, vt), sdpa)
+    assert torch.equal(decoupled_attention(q, kt, vt, None, None, scale=0.7), sdpa)
+    assert torch.equal(decoupled_attention(q, kt, vt, ki[:, :, :0], vi[:, :, :0], 0.7), sdpa)
+    for dt in (torch.float16, torch.bfloat16):
+        q2, kt2, vt2 = (t.to(dt) for t in (q, kt, vt))
+        assert torch.equal(decoupled_attention(q2, kt2, vt2), F.scaled_dot_product_attention(q2, kt2, vt2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cpu_dispatch_is_the_two_sdpa_reference_bit_for_bit(dtype):
+    gen = torch.Generator().manual_seed(9)
+    q, kt, vt, ki, vi = (torch.randn(2, 2, L, 40, generator=gen).to(dtype) for L in (33, 77, 77, 16, 16))
+    for lam in (0.7, torch.tensor(0.7)):
+        expected = F.scaled_dot_product_attention(q, kt, vt) + lam * F.scaled_dot_product_attention(q, ki, vi)
+        assert torch.equal(decoupled_attention(q, kt, vt, ki, vi, lam), expected)
+        assert torch.equal(decoupled_attention_reference(q, kt, vt, ki, vi, lam), expected)
+    # the reference path keeps autograd (training the adapter goes through it)
+    ki.requires_grad_(True)
+    decoupled_attention(q, kt, vt, ki, vi, 0.7).float().sum().backward()
+    assert ki.grad is not None and torch.isfinite(ki.grad).all()
+
+
+def test_importing_kernels_and_cpu_dispatch_do_not_import_triton():
+    code = textwrap.dedent("""
+        import sys, torch
+        import kernels
+        assert "triton" not in sys.modules, "import kernels imported triton"
+        q = torch.randn(1, 2, 8, 40)
+        kernels.decoupled_attention(q, q, q, q[:, :, :4], q[:, :, :4], 0.5)
+        kernels.decoupled_attention(q, q, q)
+        assert "triton" not in sys.modules, "CPU dispatch imported triton"
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="CUDA dispatch needs a GPU")
+def test_cuda_dispatch_uses_the_fused_kernel():
+    q, kt, vt, ki, vi = make_inputs(2, 8, 4096, 77, 16, 40, torch.float16, seed=10)
+    out = decoupled_attention(q, kt, vt, ki, vi, 0.8)
+    assert torch.equal(out, decoupled_attention_triton(q, kt, vt, ki, vi, 0.8))
+    assert out.stride() == q.stride()
+    assert_close_to(out, reference64(q, kt, vt, ki, vi, 0.8), torch.float16, "cuda dispatch")
+    # gradients needed → the differentiable reference path
+    ki.requires_grad_(True)
+    out = decoupled_attention(q, kt, vt, ki, vi, 0.8)
+    assert out.grad_fn is not None
+
+
+# ----------------------------------------------------------------------------- GPU compile
+
+def test_kernel_compiles_for_gpus_without_one():
+    """Compile the kernel ahead of time for sm_80 and sm_90 (Triton's own ptxas; no driver
+    needed; ~20 s on 2 cores). Catches what the interpreter lets through — tl.dot dims < 16, unsupported dtype
+    casts — and checks for register spills and for vectorised (16-byte) Q loads at the SD1.5
+    head dims, which depend on the alignment hints."""
+    import triton
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    if not ptxas.exists():
+        pytest.skip("triton ships no ptxas here")
+    code = textwrap.dedent("""
+        import json, os, re, subprocess, tempfile, triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+        from kernels import triton_decoupled_attention as m
+        k = m._decoupled_attention_kernel
+        names = k.arg_names
+        PTRS = ("Q", "KT", "VT", "KI", "VI", "O")
+        ROW_STRIDES = ("stride_ql", "stride_ktl", "stride_vtl", "stride_kil", "stride_vil", "stride_ol")
+        dump = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
+        res = []
+        for cap, dt, D, Li, lam_ptr in [(90, "fp16", 40, 16, False), (90, "fp16", 80, 16, True),
+                                        (90, "bf16", 160, 257, False), (80, "fp16", 40, 4, False)]:
+            cfg = m.default_config(D, 77, Li)
+            consts = dict(HEAD_DIM=D, BLOCK_D=m._pow2_at_least_16(D), BLOCK_M=cfg.block_m,
+                          BLOCK_NT=cfg.block_n_text, BLOCK_NI=cfg.block_n_image, ALIGN=8 if dt != "fp32" else 4,
+                          LAM_IS_PTR=lam_ptr, DOT_PRECISION="ieee" if dt == "fp32" else "tf32")
+            sig = {}
+            for n in names:
+                sig[n] = ("constexpr" if n in consts else "*" + dt if n in PTRS else
+                          ("*fp32" if lam_ptr else "fp32") if n == "LAM" else
+                          "fp32" if n == "qk_scale" else "i32")
+            attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in PTRS + ROW_STRIDES}
+            src = ASTSource(fn=k, signature=sig, attrs=attrs,
+                            constexprs={(names.index(c),): v for c, v in consts.items()})
+            c = triton.compile(src, target=GPUTarget("cuda", cap, 32),
+                               options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+            with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                f.write(c.asm["cubin"]); f.flush()
+                usage = subprocess.run([dump, "--dump-resource-usage", f.name],
+                                       capture_output=True, text=True).stdout
+            local = re.search(r"LOCAL:(\\d+)", usage)
+            ptx = c.asm["ptx"]
+            scalar_loads = len(re.findall(r"ld\\.global(?:\\.[a-z0-9]+)*\\.b16 ", ptx))
+            res.append(dict(cap=cap, dt=dt, D=D, local=int(local.group(1)) if local else None,
+                            scalar_loads=scalar_loads))
+        print(json.dumps(res))
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    import json
+    for row in json.loads(r.stdout.strip().splitlines()[-1]):
+        assert row["local"] in (0, None), f"register spills: {row}"
+        assert row["scalar_loads"] == 0, f"unvectorised 2-byte loads: {row}"

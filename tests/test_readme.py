@@ -1,0 +1,13 @@
+"""The README opens with the two commands that CI runs."""
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMANDS = ['pip install -e ".[test]"', "python -m pytest"]
+
+
+def test_readme_opens_with_the_ci_commands():
+    readme = (ROOT / "README.md").read_text()
+    first_block = readme.split("```sh\n", 1)[1].split("```", 1)[0].strip().splitlines()
+    assert first_block == COMMANDS
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert ci[-2:] == COMMANDS

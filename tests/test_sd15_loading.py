@@ -1,0 +1,167 @@
+"""Loading and converting SD1.5 checkpoints: formats, refusals, and the command-line errors."""
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from ipadapter_min import sample
+from ipadapter_min.loading import load_sd15
+from weights_convert.__main__ import main as convert_main
+from weights_convert.files import CheckpointError, read_state_dict
+
+
+def copy_folder(tiny, tmp_path):
+    return shutil.copytree(tiny.folder, tmp_path / "sd")
+
+
+def edit_unet(folder, edit):
+    path = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    state = load_file(path)
+    edit(state)
+    save_file(state, path)
+
+
+def test_runtime_imports_no_oracle():
+    """The runtime package and the converter never import diffusers, transformers or accelerate."""
+    code = ("import sys, ipadapter_min.sample, ipadapter_min.pipeline, weights_convert.__main__, kernels; "
+            "import ipadapter_min.image_encoder, ipadapter_min.ip_adapter, ipadapter_min.image_projection; "
+            "bad = [m for m in ('diffusers', 'transformers', 'accelerate') if m in sys.modules]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_text_encoder_keys_with_and_without_text_model_prefix(tiny, tmp_path):
+    folder = copy_folder(tiny, tmp_path)
+    path = folder / "text_encoder" / "model.safetensors"
+    state = load_file(path)
+    prefixed = {("text_model." + k if not k.startswith("text_model.") else k): v for k, v in state.items()}
+    prefixed["text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    save_file(prefixed, path)
+    reloaded = load_sd15(folder)["text_encoder"].state_dict()
+    original = load_sd15(tiny.folder)["text_encoder"].state_dict()
+    assert all(torch.equal(reloaded[k], original[k]) for k in original)
+
+
+def test_pickled_bin_folder_loads(tiny, tmp_path):
+    folder = copy_folder(tiny, tmp_path)
+    path = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    torch.save(load_file(path), folder / "unet" / "diffusion_pytorch_model.bin")
+    path.unlink()
+    assert torch.equal(load_sd15(folder)["unet"].out[2].weight, load_sd15(tiny.folder)["unet"].out[2].weight)
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda s: s.pop("conv_in.weight"), "missing key 'unet.input_blocks.0.0.weight'"),
+    (lambda s: s.update(extra=torch.zeros(1)), "key 'extra' is unexpected"),
+    (lambda s: s.update({"conv_in.weight": torch.zeros(32, 9, 3, 3)}), "has shape [32, 9, 3, 3], expected [32, 4, 3, 3]"),
+])
+def test_bad_keys_are_named(tiny, tmp_path, edit, message):
+    folder = copy_folder(tiny, tmp_path)
+    edit_unet(folder, edit)
+    with pytest.raises(CheckpointError) as info:
+        load_sd15(folder)
+    assert message in str(info.value) and "\n" not in str(info.value)
+    if "missing" not in message:
+        assert "diffusion_pytorch_model.safetensors" in str(info.value)
+
+
+@pytest.mark.parametrize("key,what", [
+    ("conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight", "SDXL"),
+    ("cond_stage_model.model.token_embedding.weight", "Stable Diffusion 2"),
+])
+def test_other_model_families_are_refused(tmp_path, key, what):
+    path = tmp_path / "other.safetensors"
+    save_file({key: torch.zeros(2, 2), "model.diffusion_model.out.2.bias": torch.zeros(4)}, path)
+    with pytest.raises(CheckpointError, match=what):
+        load_sd15(path)
+
+
+@pytest.mark.parametrize("change,what", [({"cross_attention_dim": 1024}, "Stable Diffusion 2"),
+                                         ({"addition_embed_type": "text_time"}, "SDXL")])
+def test_other_diffusers_folders_are_refused(tiny, tmp_path, change, what):
+    folder = copy_folder(tiny, tmp_path)
+    config = folder / "unet" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), **change}))
+    with pytest.raises(CheckpointError, match=what):
+        load_sd15(folder)
+
+
+def test_pickle_with_code_is_refused(tmp_path):
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {"x": torch.zeros(1)}, "callback": print}, path)
+    with pytest.raises(CheckpointError, match="weights_only"):
+        read_state_dict(path)
+
+
+def test_garbage_and_unknown_files_are_refused(tmp_path):
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match="bad.safetensors"):
+        load_sd15(tmp_path / "bad.safetensors")
+    (tmp_path / "model.onnx").write_bytes(b"x")
+    with pytest.raises(CheckpointError, match="unknown checkpoint type"):
+        load_sd15(tmp_path / "model.onnx")
+    with pytest.raises(CheckpointError, match="no such file"):
+        load_sd15(tmp_path / "missing.safetensors")
+
+
+def test_convert_refuses_to_overwrite_and_roundtrips(tiny, tmp_path, capsys):
+    out = tmp_path / "tiny.safetensors"
+    assert convert_main(["sd15", str(tiny.folder), "-o", str(out), "--dtype", "fp16"]) == 0
+    stamp = out.stat().st_mtime_ns
+    assert convert_main(["sd15", str(tiny.folder), "-o", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err and out.stat().st_mtime_ns == stamp
+    converted = load_sd15(out)["unet"].state_dict()
+    original = load_sd15(tiny.folder)["unet"].state_dict()
+    assert all(torch.equal(converted[k], original[k].half().float()) for k in original)
+    assert convert_main(["sd15", str(tiny.folder), "-o", str(out), "--force"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.safetensors"]  # no temporary files left
+
+
+def test_convert_reports_bad_source(tmp_path, capsys):
+    assert convert_main(["sd15", str(tmp_path / "nope"), "-o", str(tmp_path / "x.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "no such file" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--width", "500"], "width must be a positive multiple of 8"),
+    (["--steps", "0"], "--steps must be in"),
+    (["--out", "x.jpg"], "must name a .png"),
+])
+def test_sample_rejects_bad_arguments(tiny, tmp_path, capsys, extra, message):
+    assert sample.main(["--model", str(tiny.folder), "--out", str(tmp_path / "o.png"), *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_sample_refuses_missing_model_and_existing_output(tiny, tmp_path, capsys):
+    assert sample.main(["--model", str(tmp_path / "missing.safetensors")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    out = tmp_path / "o.png"
+    out.write_bytes(b"precious")
+    assert sample.main(["--model", str(tiny.folder), "--out", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err and out.read_bytes() == b"precious"
+
+
+def test_sample_writes_images_with_parameters(tiny, tmp_path):
+    from PIL import Image
+    out = tmp_path / "cat.png"
+    args = ["--model", str(tiny.folder), "--prompt", "a cat", "--steps", "2", "--width", "32", "--height", "32",
+            "--num-images", "2", "--seed", "5", "--out", str(out), "--no-progress"]
+    assert sample.main(args) == 0
+    first = Image.open(tmp_path / "cat-0.png")
+    assert first.size == (32, 32) and "prompt: a cat" in first.text["parameters"] and "seed: 5" in first.text["parameters"]
+    assert (tmp_path / "cat-1.png").exists() and not out.exists()
+
+
+def test_sample_help_explains_flags():
+    result = subprocess.run([sys.executable, "-m", "ipadapter_min.sample", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0
+    for flag in ("--model", "--prompt", "--negative-prompt", "--steps", "--guidance", "--seed", "--width", "--height",
+                 "--num-images", "--out", "--device", "--dtype"):
+        assert flag in result.stdout

@@ -37,6 +37,20 @@ def single_file_state(full) -> dict[str, torch.Tensor]:
     return state
 
 
+@pytest.fixture(scope="module")
+def single_file(single_file_state, tmp_path_factory):
+    path = tmp_path_factory.mktemp("single") / "v1-5.safetensors"
+    save_file(single_file_state, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def converted(full, tmp_path_factory):
+    out = tmp_path_factory.mktemp("converted") / "sd15.safetensors"
+    assert convert_main(["sd15", str(full.folder), "-o", str(out)]) == 0
+    return out
+
+
 def max_diff(a, b) -> float:
     assert a.shape == b.shape
     return (a - b).abs().max().item()
@@ -96,10 +110,8 @@ def test_single_file_is_what_diffusers_reads(full, single_file_state):
             assert torch.equal(converted[key].reshape(value.shape), value), key
 
 
-def test_single_file_safetensors_loads_same_weights(full, ours, single_file_state, tmp_path):
-    path = tmp_path / "v1-5.safetensors"
-    save_file(single_file_state, path)
-    assert_same_weights(load_sd15(path), ours)
+def test_single_file_safetensors_loads_same_weights(ours, single_file):
+    assert_same_weights(load_sd15(single_file), ours)
 
 
 def test_pickled_fp16_ckpt_with_extras_loads(full, ours, single_file_state, tmp_path):
@@ -114,10 +126,8 @@ def test_pickled_fp16_ckpt_with_extras_loads(full, ours, single_file_state, tmp_
     assert_same_weights(load_sd15(path), ours, cast=torch.float16)
 
 
-def test_converted_file_loads_same_weights(full, ours, tmp_path):
-    out = tmp_path / "sd15.safetensors"
-    assert convert_main(["sd15", str(full.folder), "-o", str(out)]) == 0
-    assert_same_weights(load_sd15(out), ours)
+def test_converted_file_loads_same_weights(ours, converted):
+    assert_same_weights(load_sd15(converted), ours)
 
 
 def image_array(path) -> np.ndarray:
@@ -126,16 +136,13 @@ def image_array(path) -> np.ndarray:
 
 
 @torch.no_grad()
-def test_end_to_end_matches_diffusers_from_every_format(full, single_file_state, tmp_path):
+def test_end_to_end_matches_diffusers_from_every_format(full, converted, single_file, tmp_path):
     """The sample command gives diffusers' image (≤ 2/255) from the converted file, the original
     single file and the diffusers folder, and the same bits from all three."""
-    converted, single = tmp_path / "converted.safetensors", tmp_path / "single.safetensors"
-    assert convert_main(["sd15", str(full.folder), "-o", str(converted)]) == 0
-    save_file(single_file_state, single)
     args = ["--prompt", "a red bicycle", "--negative-prompt", "blurry", "--steps", "3", "--seed", "42",
             "--width", "128", "--height", "128", "--no-progress"]
     outputs = []
-    for name, model in (("converted", converted), ("single", single), ("diffusers", full.folder)):
+    for name, model in (("converted", converted), ("single", single_file), ("diffusers", full.folder)):
         out = tmp_path / f"{name}.png"
         assert sample.main(["--model", str(model), "--out", str(out), *args]) == 0
         outputs.append(image_array(out))

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from .files import CheckpointError, save_safetensors
+from .ip_adapter import add_ip_adapter_command, write_ip_adapter
 from .sd15 import read_sd15, sd15_metadata
 
 DTYPES = {"keep": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -32,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     sd.add_argument("-o", "--out", type=Path, required=True, help="output .safetensors file")
     sd.add_argument("--dtype", choices=list(DTYPES), default="keep", help="cast floating-point weights (default: keep)")
     sd.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    add_ip_adapter_command(sub)
     return p
 
 
@@ -44,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
             raise FileExistsError(f"{args.out} already exists (pass --force to overwrite it)")
         if args.kind == "sd15":
             convert_sd15(args.src, args.out, DTYPES[args.dtype], args.force)
+        elif args.kind == "ip-adapter":
+            print(write_ip_adapter(args.src, args.out, args.force))
     except (CheckpointError, ValueError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

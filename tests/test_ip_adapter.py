@@ -1,0 +1,458 @@
+"""IP-Adapter: projection models, file reading, λ per layer and the attention hook, checked against
+diffusers (the oracle) with random weights written in the official file formats."""
+from __future__ import annotations
+
+import functools
+import math
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+import ipadapter_min.ip_adapter as ipa
+from ipadapter_min.attention import attention
+from ipadapter_min.image_projection import VIT_BIGG, VIT_H, detect_variant
+from ipadapter_min.ip_adapter import (LAYERS, IPAdapterLayers, cfg_image_tokens, encode_images, expand_scale,
+                                      load_ip_adapter, to_project_layout)
+from weights_convert.files import CheckpointError, read_metadata
+from weights_convert.ip_adapter import convert_ip_adapter, write_ip_adapter
+
+# Widths of the official keys ip_adapter.<n>.to_{k,v}_ip.weight (reference-facts.md): processors
+# counted down blocks → up blocks → mid block.
+OFFICIAL_WIDTHS = {1: 320, 3: 320, 5: 640, 7: 640, 9: 1280, 11: 1280, 13: 1280, 15: 1280, 17: 1280,
+                   19: 640, 21: 640, 23: 640, 25: 320, 27: 320, 29: 320, 31: 1280}
+
+
+# ---------------------------------------------------------------------------------------------
+# Random weights in the official formats (key names and shapes from the official code)
+
+def projection_shapes(variant: str) -> dict[str, tuple[int, ...]]:
+    if variant in ("base", "light", "vit-g"):
+        embed = 1280 if variant == "vit-g" else 1024
+        return {"proj.weight": (3072, embed), "proj.bias": (3072,), "norm.weight": (768,), "norm.bias": (768,)}
+    if variant == "full-face":
+        return {"proj.0.weight": (1280, 1280), "proj.0.bias": (1280,), "proj.2.weight": (768, 1280),
+                "proj.2.bias": (768,), "proj.3.weight": (768,), "proj.3.bias": (768,)}
+    assert variant == "plus"
+    shapes = {"latents": (1, 16, 768), "proj_in.weight": (768, 1280), "proj_in.bias": (768,),
+              "proj_out.weight": (768, 768), "proj_out.bias": (768,),
+              "norm_out.weight": (768,), "norm_out.bias": (768,)}
+    for i in range(4):
+        for norm in ("norm1", "norm2"):
+            shapes[f"layers.{i}.0.{norm}.weight"] = shapes[f"layers.{i}.0.{norm}.bias"] = (768,)
+        shapes.update({f"layers.{i}.0.to_q.weight": (768, 768), f"layers.{i}.0.to_kv.weight": (1536, 768),
+                       f"layers.{i}.0.to_out.weight": (768, 768), f"layers.{i}.1.0.weight": (768,),
+                       f"layers.{i}.1.0.bias": (768,), f"layers.{i}.1.1.weight": (3072, 768),
+                       f"layers.{i}.1.3.weight": (768, 3072)})
+    return shapes
+
+
+def random_tensors(shapes: dict[str, tuple[int, ...]], seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for key, shape in shapes.items():
+        t = torch.empty(shape)
+        if len(shape) >= 2:  # U(±1/√fan_in), like PyTorch's default init
+            t.uniform_(-1 / math.sqrt(shape[-1]), 1 / math.sqrt(shape[-1]), generator=g)
+        elif key.endswith(".weight") and ("norm" in key or key.endswith(("1.0.weight", "proj.3.weight"))):
+            t.normal_(1, 0.1, generator=g)  # LayerNorm scales near 1 but not 1
+        else:
+            t.normal_(0, 0.05, generator=g)
+        out[key] = t.to(dtype)
+    return out
+
+
+@functools.lru_cache
+def _ip_part(widths: tuple[tuple[int, int], ...]) -> dict[str, torch.Tensor]:
+    shapes = {f"{n}.to_{kv}_ip.weight": (w, 768) for n, w in widths for kv in "kv"}
+    return random_tensors(shapes, 100, torch.float16)
+
+
+def official_state(variant: str, seed: int = 0, widths: dict[int, int] = OFFICIAL_WIDTHS) -> dict[str, dict]:
+    """{"image_proj": ..., "ip_adapter": ...} as the release stores it: fp16, the resampler fp32.
+    (All variants share one random ip_adapter part: generating it takes a while.)"""
+    proj_dtype = torch.float32 if variant == "plus" else torch.float16
+    return {"image_proj": random_tensors(projection_shapes(variant), seed, proj_dtype),
+            "ip_adapter": dict(_ip_part(tuple(widths.items())))}
+
+
+def write_official(state: dict[str, dict], path) -> None:
+    if path.suffix == ".bin":
+        torch.save(state, path)
+    else:
+        save_file({f"{part}.{k}": v for part, tensors in state.items() for k, v in tensors.items()}, str(path))
+
+
+@pytest.fixture(scope="module")
+def states():
+    return {v: official_state(v, seed=i) for i, v in enumerate(("base", "vit-g", "plus", "full-face"))}
+
+
+@pytest.fixture(scope="module")
+def mini_unet():
+    """diffusers' SD1.5 UNet structure at a tenth of the width, with the attn2 processor names in
+    the order the forward pass runs them."""
+    from diffusers import UNet2DConditionModel
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(block_out_channels=(32, 64, 128, 128), norm_num_groups=8, cross_attention_dim=768,
+                                attention_head_dim=8, sample_size=16).eval()
+    order = []
+    handles = [m.register_forward_pre_hook(lambda m, a, name=name: order.append(name))
+               for name, m in unet.named_modules() if name.endswith("attn2")]
+    with torch.no_grad():
+        unet(torch.zeros(1, 4, 16, 16), 1, torch.zeros(1, 3, 768))
+    for h in handles:
+        h.remove()
+    unet.run_order = order
+    return unet
+
+
+@pytest.fixture(scope="module")
+def mini_ip(mini_unet):
+    """A random official-format adapter at the mini UNet's widths, loaded by diffusers."""
+    state = official_state("base", widths={n: w // 10 for n, w in OFFICIAL_WIDTHS.items()})
+    mini_unet._load_ip_adapter_weights({k: {n: t.float() for n, t in v.items()} for k, v in state.items()},
+                                       low_cpu_mem_usage=False)
+    return state
+
+
+# ---------------------------------------------------------------------------------------------
+# Projection models vs diffusers
+
+
+@pytest.mark.parametrize("variant,suffix", [("base", ".bin"), ("base", ".safetensors"), ("vit-g", ".safetensors"),
+                                            ("plus", ".bin"), ("plus", ".safetensors"), ("full-face", ".bin")])
+def test_projection_matches_diffusers(variant, suffix, states, mini_unet, tmp_path):
+    from diffusers import UNet2DConditionModel
+    state = states[variant]
+    path = tmp_path / f"adapter{suffix}"
+    write_official(state, path)
+    ours = load_ip_adapter(path, dtype=torch.float32)
+
+    fp32 = {k: v.float() for k, v in state["image_proj"].items()}
+    theirs = UNet2DConditionModel._convert_ip_adapter_image_proj_to_diffusers(mini_unet, fp32, low_cpu_mem_usage=False)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn({"base": (2, 1024), "vit-g": (2, 1280)}.get(variant, (2, 257, 1280)), generator=g)
+    with torch.no_grad():
+        got, want = ours(x), theirs(x)
+    assert got.shape == want.shape == (2, ours.spec.tokens, 768)
+    err = (got - want).abs().max().item()
+    print(f"{variant}{suffix}: max abs {err:.2e}")
+    assert err <= 1e-5
+    for layer in LAYERS:  # the 16 adapter layers sit where the official numbering says
+        for kv in "kv":
+            assert torch.equal(ours.ip_layers[layer.index].get_submodule(f"to_{kv}_ip").weight,
+                               state["ip_adapter"][f"{layer.official}.to_{kv}_ip.weight"].float())
+
+
+def test_several_images_concatenate_as_diffusers(states, mini_unet):
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.embeddings import MultiIPAdapterImageProjection
+    state = states["plus"]
+    adapter = _adapter(state)
+    theirs = MultiIPAdapterImageProjection([UNet2DConditionModel._convert_ip_adapter_image_proj_to_diffusers(
+        mini_unet, {k: v.float() for k, v in state["image_proj"].items()}, low_cpu_mem_usage=False)])
+    g = torch.Generator().manual_seed(2)
+    features, negative = torch.randn(2, 257, 1280, generator=g), torch.randn(2, 257, 1280, generator=g)
+    with torch.no_grad():
+        got = cfg_image_tokens(adapter, features, negative, batch_size=2)
+        # the pipeline's order: [negative] * n then [positive] * n, each (1, images, ...)
+        want = theirs([torch.cat([negative[None], features[None]])])[0].repeat_interleave(2, dim=0)
+    assert got.shape == (4, 2 * 16, 768)
+    assert (got - want.reshape(4, 2 * 16, 768)).abs().max() <= 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# Variant detection and file errors
+
+
+@pytest.mark.parametrize("variant,expected", [
+    ("base", ("base", VIT_H, "image_embeds", 1024, 4)),
+    ("light", ("base", VIT_H, "image_embeds", 1024, 4)),
+    ("vit-g", ("vit-g", VIT_BIGG, "image_embeds", 1280, 4)),
+    ("plus", ("plus", VIT_H, "penultimate", 1280, 16)),
+    ("full-face", ("full-face", VIT_H, "penultimate", 1280, 257)),
+])
+def test_detect_variant(variant, expected):
+    spec = detect_variant(projection_shapes(variant))
+    assert (spec.variant, spec.encoder, spec.encoder_output, spec.feature_dim, spec.tokens) == expected
+    if variant == "plus":
+        c = spec.resampler
+        assert (c.dim, c.depth, c.dim_head, c.heads, c.num_queries, c.embedding_dim, c.output_dim, c.ff_mult) == \
+            (768, 4, 64, 12, 16, 1280, 768, 4)
+
+
+@pytest.mark.parametrize("shapes,message", [
+    ({"proj.0.weight": (3072, 512), "proj.0.bias": (3072,), "proj.2.weight": (3072, 3072), "proj.2.bias": (3072,),
+      "norm.weight": (768,), "norm.bias": (768,)}, "FaceID"),
+    ({"proj.weight": (8192, 1280), "proj.bias": (8192,), "norm.weight": (2048,), "norm.bias": (2048,)}, "2048"),
+    ({"proj.weight": (3072, 512), "proj.bias": (3072,), "norm.weight": (768,), "norm.bias": (768,)}, "512"),
+    ({"proj.weight": (3072, 1024)}, "image_proj.norm.weight"),
+    ({"something": (3,)}, "not an IP-Adapter"),
+])
+def test_detect_variant_errors(shapes, message):
+    with pytest.raises(CheckpointError, match=message):
+        detect_variant(shapes, "x.bin")
+
+
+def _flat(state):
+    return {f"{part}.{k}": v for part, tensors in state.items() for k, v in tensors.items()}
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda s: s.pop("ip_adapter.31.to_v_ip.weight"), "missing key 'ip_adapter.31.to_v_ip.weight'"),
+    (lambda s: s.pop("image_proj.norm.bias"), "missing key 'image_proj.norm.bias'"),
+    (lambda s: s.update({"ip_adapter.33.to_k_ip.weight": torch.zeros(320, 768)}), "'ip_adapter.33.to_k_ip.weight'"),
+    (lambda s: s.update({"ip_adapter.1.to_k_lora.down.weight": torch.zeros(4, 320)}), "unexpected key"),
+    (lambda s: s.update({"image_proj.extra": torch.zeros(1)}), "unexpected key 'image_proj.extra'"),
+    (lambda s: s.update({"ip_adapter.5.to_k_ip.weight": torch.zeros(320, 768)}),
+     r"'ip_adapter.5.to_k_ip.weight' has shape \[320, 768\].*\[640, 768\]"),
+    (lambda s: s.update({"ip_adapter.5.to_k_ip.weight": torch.zeros(640, 768, dtype=torch.int8)}), "floating-point"),
+    (lambda s: s.update({"ip_layers.2.to_k_ip.weight": torch.zeros(640, 768)}), "duplicates"),
+])
+def test_bad_states_give_one_line_errors(edit, message, states):
+    state = _flat(states["base"])
+    edit(state)
+    with pytest.raises(CheckpointError, match=message) as info:
+        to_project_layout(state, "/some/bad.bin")
+    assert str(info.value).startswith("/some/bad.bin: ") and "\n" not in str(info.value)
+
+
+def test_corrupt_and_foreign_files(states, tmp_path):
+    state = _flat(states["base"])
+    del state["ip_adapter.29.to_k_ip.weight"]
+    save_file(state, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(CheckpointError, match="bad.safetensors: missing key 'ip_adapter.29.to_k_ip.weight'"):
+        load_ip_adapter(tmp_path / "bad.safetensors")
+    for name in ("junk.bin", "junk.safetensors"):
+        (tmp_path / name).write_bytes(b"not a checkpoint at all" * 10)
+        with pytest.raises(CheckpointError, match="junk"):
+            load_ip_adapter(tmp_path / name)
+    foreign = tmp_path / "unet.safetensors"
+    save_file({"x": torch.zeros(1)}, str(foreign), metadata={"format": "ipadapter_min.sd15"})
+    with pytest.raises(CheckpointError, match="not an IP-Adapter"):
+        load_ip_adapter(foreign)
+    torch.save({"image_proj": {"proj.weight": torch.zeros(1)}, "ip_adapter": {}}, tmp_path / "small.bin")
+    with pytest.raises(CheckpointError, match="small.bin"):
+        load_ip_adapter(tmp_path / "small.bin")
+
+
+def test_convert_round_trip(states, tmp_path):
+    src = tmp_path / "ip-adapter-plus_sd15.bin"
+    write_official(states["plus"], src)
+    out = tmp_path / "converted.safetensors"
+    summary = write_ip_adapter(src, out)
+    assert "plus" in summary
+    meta = read_metadata(out)
+    assert meta["format"] == ipa.FORMAT and meta["variant"] == "plus" and meta["tokens"] == "16"
+    tensors, _ = convert_ip_adapter(src)
+    assert set(tensors) == {f"image_proj.{k}" for k in states["plus"]["image_proj"]} | {
+        f"ip_layers.{i}.to_{kv}_ip.weight" for i in range(16) for kv in "kv"}
+    assert tensors["image_proj.latents"].dtype == torch.float32  # dtypes as stored
+    assert tensors["ip_layers.0.to_k_ip.weight"].dtype == torch.float16
+    with pytest.raises(FileExistsError):
+        write_ip_adapter(src, out)
+    write_ip_adapter(src, out, force=True)
+    a, b = load_ip_adapter(src, dtype=torch.float16), load_ip_adapter(out, dtype=torch.float16)
+    assert a.spec == b.spec
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert next(b.parameters()).dtype == torch.float16
+
+
+# ---------------------------------------------------------------------------------------------
+# Layer numbering and λ per layer vs diffusers
+
+
+def test_layer_table_matches_diffusers_and_unet(mini_unet, mini_ip):
+    """Layer i is the i-th cross-attention diffusers runs, its official key loads into that
+    processor in diffusers, and the project's UNet gives the same number to the same module."""
+    state, procs = mini_ip, mini_unet.attn_processors
+    for layer, name in zip(LAYERS, mini_unet.run_order, strict=True):
+        parts = name.split(".")  # down_blocks.0.attentions.1.transformer_blocks.0.attn2, mid_block.attentions.0...
+        block = "mid" if parts[0] == "mid_block" else f"{parts[0].removesuffix('_blocks')}.block_{parts[1]}"
+        assert (layer.block, layer.position) == (block, int(parts[-4]))
+        proc = procs[f"{name}.processor"]
+        assert proc.hidden_size * 10 == layer.width
+        assert torch.equal(proc.to_k_ip[0].weight, state["ip_adapter"][f"{layer.official}.to_k_ip.weight"].float())
+
+    from ipadapter_min.unet import UNet
+    with torch.device("meta"):
+        unet = UNet()
+    numbered = {m.layer: (name, m.to_q.out_features) for name, m in unet.named_modules()
+                if getattr(m, "layer", None) is not None}
+    assert numbered == {layer.index: (layer.name, layer.width) for layer in LAYERS}
+
+
+# (λ config, whether it names a block without attention layers: diffusers ignores those silently)
+SCALES = [
+    (0.6, False),
+    ({"down": {"block_2": [0.0, 1.0]}, "up": {"block_1": [0.0, 1.0, 0.0]}}, False),  # InstantStyle on SD1.5
+    ({"up": {"block_0": [0.0, 1.0, 0.0]}}, True),  # SDXL's InstantStyle style block: no attention in SD1.5
+    ({"down": 0.3, "mid": 0.5, "up": {"block_3": 0.7}}, False),
+    ({"mid": [0.25], "down": [0.1, 0.2], "up": {"block_2": [0.9]}}, False),
+    ({"down": {"block_0": 1, "block_1": [0.5, 0.25]}, "up": 2.0}, False),
+    ({"up": [0.1, 0.2, 0.3], "down": {"block_3": 4.0}}, True),
+]
+
+
+@pytest.mark.parametrize("scale,ignored_block", SCALES)
+def test_scale_expansion_matches_diffusers(scale, ignored_block, mini_unet, mini_ip):
+    from diffusers.loaders.ip_adapter import IPAdapterMixin
+    IPAdapterMixin.set_ip_adapter_scale(types.SimpleNamespace(unet=mini_unet), scale)
+    procs = mini_unet.attn_processors
+    want = tuple(float(procs[f"{name}.processor"].scale[0]) for name in mini_unet.run_order)
+    assert expand_scale(scale, strict=False) == want
+    if ignored_block:
+        with pytest.raises(ValueError, match="strict=False"):
+            expand_scale(scale)
+    else:
+        assert expand_scale(scale) == want
+
+
+def test_scale_forms_and_errors():
+    per_layer = [i / 10 for i in range(16)]
+    assert expand_scale(per_layer) == tuple(per_layer)
+    assert expand_scale(torch.tensor(per_layer)) == tuple(torch.tensor(per_layer).tolist())
+    assert expand_scale(torch.tensor(0.5)) == (0.5,) * 16
+    assert all(str(s) == "0.0" for s in expand_scale(-0.0))  # no -0.0 left
+    assert expand_scale({"mid": torch.tensor(2.0)})[6] == 2.0
+    for bad, error in [([1.0] * 15, "16"), ({"middle": 1.0}, "unknown"), ({"mid": [1, 2]}, "mid"),
+                       ({"up": {"block_1": [1, 2]}}, "up.block_1' has 3"), ({"down": {"block_9": 1}}, "block_9"),
+                       ({"down": {"first": 1}}, "first"), (float("nan"), "finite"), ("1", "number"),
+                       (torch.ones(2, 2), "16")]:
+        with pytest.raises((ValueError, TypeError), match=error):
+            expand_scale(bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# The hook
+
+HEADS, HEAD_DIM = 8, 8
+
+
+def _qkv(batch=2, lq=24, lt=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    width = HEADS * HEAD_DIM
+    split = lambda t: t.view(t.shape[0], t.shape[1], HEADS, HEAD_DIM).transpose(1, 2)  # noqa: E731
+    q = split(torch.randn(batch, lq, width, generator=g))  # non-contiguous, as the UNet passes it
+    return q, split(torch.randn(batch, lt, width, generator=g)), split(torch.randn(batch, lt, width, generator=g))
+
+
+@pytest.fixture(scope="module")
+def small_layers():
+    torch.manual_seed(3)
+    return IPAdapterLayers(widths=[HEADS * HEAD_DIM] * 16)
+
+
+@pytest.mark.parametrize("zero", [0, 0.0, -0.0, torch.tensor(0.0), torch.tensor(-0.0),
+                                  {"down": {"block_0": [0.0, 1.0]}}, [-0.0] + [1.0] * 15])
+def test_zero_scale_is_bit_identical_to_plain_attention(zero, small_layers, monkeypatch):
+    calls = []
+    real = ipa.decoupled_attention
+    monkeypatch.setattr(ipa, "decoupled_attention", lambda *a, **k: calls.append(len(a) + len(k)) or real(*a, **k))
+    tokens = torch.full((2, 4, 768), float("nan"))
+    hook = ipa.ImagePromptAttention(small_layers, tokens, zero)
+    q, k, v = _qkv()
+    out = hook(0, q, k, v)
+    assert torch.equal(out, attention(q, k, v)) and torch.equal(out, F.scaled_dot_product_attention(q, k, v))
+    assert calls == [3] and not hook._kv  # no image tokens passed, none computed
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.35, [0.5] * 16, {"mid": 0.8}])
+def test_hook_matches_direct_computation(scale, small_layers):
+    g = torch.Generator().manual_seed(4)
+    tokens = torch.randn(2, 5, 768, generator=g)
+    hook = ipa.ImagePromptAttention(small_layers, tokens, scale)
+    q, k, v = _qkv()
+    layer = 6
+    lam = expand_scale(scale)[layer]
+    with torch.no_grad():
+        out = hook(layer, q, k, v)
+        again = hook(layer, q, k, v)  # from the cache
+        lin = small_layers[layer]
+        ki = (tokens @ lin.to_k_ip.weight.T).view(2, 5, HEADS, HEAD_DIM).transpose(1, 2)
+        vi = (tokens @ lin.to_v_ip.weight.T).view(2, 5, HEADS, HEAD_DIM).transpose(1, 2)
+        want = F.scaled_dot_product_attention(q, k, v) + lam * F.scaled_dot_product_attention(q, ki, vi)
+    assert torch.equal(out, again) and set(hook._kv) == {layer}
+    assert (out - want).abs().max() <= 1e-6
+    with pytest.raises(ValueError, match="batch"):
+        hook(layer, *_qkv(batch=4))
+    hook.set_scale(0.0)
+    assert torch.equal(hook(layer, q, k, v), F.scaled_dot_product_attention(q, k, v))
+
+
+def test_hook_matches_diffusers_processor():
+    """One SD1.5-sized cross-attention layer (320 wide, 8 heads of 40) with the hook vs diffusers'
+    IPAdapterAttnProcessor2_0, two reference images of 4 tokens each."""
+    from diffusers.models.attention_processor import Attention, IPAdapterAttnProcessor2_0
+    torch.manual_seed(5)
+    layers = IPAdapterLayers(widths=[320] * 16)
+    attn = Attention(query_dim=320, cross_attention_dim=768, heads=8, dim_head=40, out_bias=True).eval()
+    proc = IPAdapterAttnProcessor2_0(hidden_size=320, cross_attention_dim=768, num_tokens=(8,), scale=0.7)
+    proc.to_k_ip[0].weight.data.copy_(layers[13].to_k_ip.weight)
+    proc.to_v_ip[0].weight.data.copy_(layers[13].to_v_ip.weight)
+    attn.set_processor(proc)
+    x, text, images = torch.randn(2, 64, 320), torch.randn(2, 77, 768), torch.randn(2, 2, 4, 768)
+    hook = ipa.ImagePromptAttention(layers, images.reshape(2, 8, 768), {"up": {"block_3": [0.7, 0, 0]}})
+    split = lambda t: t.view(2, t.shape[1], 8, 40).transpose(1, 2)  # noqa: E731
+    with torch.no_grad():
+        want = attn(x, encoder_hidden_states=(text, [images]))
+        out = hook(13, split(attn.to_q(x)), split(attn.to_k(text)), split(attn.to_v(text)))
+        got = attn.to_out[0](out.transpose(1, 2).reshape(2, 64, 320))
+    assert (got - want).abs().max() <= 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoder outputs → CFG tokens
+
+
+class FakeEncoder(torch.nn.Module):
+    """encoder(pixels) -> (image_embeds, penultimate), nonzero for zero pixels."""
+
+    def __init__(self, embed: int = 1024, width: int = 1280):
+        super().__init__()
+        self.bias = torch.nn.Parameter(torch.linspace(-1, 1, width))
+        self.embed, self.seen = embed, []
+
+    def forward(self, pixels):
+        self.seen.append(pixels.clone())
+        s = pixels.flatten(1).mean(1)[:, None, None]
+        penultimate = s * torch.ones(1, 257, self.bias.numel()) + self.bias
+        return penultimate[:, 0, :self.embed] * 2 + 1, penultimate
+
+
+def _adapter(state):
+    tensors, spec = to_project_layout(_flat(state))
+    with torch.device("meta"):
+        adapter = ipa.IPAdapter(spec)
+    adapter.load_state_dict({k: v.float() for k, v in tensors.items()}, assign=True)
+    return adapter
+
+
+def test_cfg_tokens_base_and_plus(states):
+    pixels = torch.randn(2, 3, 224, 224)
+    base = _adapter(states["base"])
+    with torch.no_grad():
+        tokens = ipa.image_prompt_tokens(base, FakeEncoder(), pixels, batch_size=3)
+        embeds = FakeEncoder()(pixels)[0]
+        assert tokens.shape == (6, 8, 768)
+        assert torch.equal(tokens[:3], base(torch.zeros(2, 1024)).reshape(1, 8, 768).expand(3, -1, -1))
+        assert torch.allclose(tokens[3:], base(embeds).reshape(1, 8, 768).expand(3, -1, -1))
+        avg = cfg_image_tokens(base, embeds, combine="average", weights=[1, 3], guidance=False)
+        assert avg.shape == (1, 4, 768)
+        assert torch.allclose(avg, base(0.25 * embeds[:1] + 0.75 * embeds[1:]), atol=1e-6)
+
+        plus, encoder = _adapter(states["plus"]), FakeEncoder()
+        features, negative = encode_images(encoder, pixels, plus.spec)
+        assert torch.equal(encoder.seen[-1], torch.zeros(1, 3, 224, 224))  # all-zero normalized pixels
+        assert torch.equal(negative, encoder(torch.zeros(2, 3, 224, 224))[1])
+        tokens = cfg_image_tokens(plus, features, negative)
+        assert tokens.shape == (2, 32, 768)
+        assert torch.allclose(tokens[:1], plus(negative).reshape(1, 32, 768))
+    with pytest.raises(ValueError, match="negative_features"):
+        cfg_image_tokens(plus, features)
+    with pytest.raises(ValueError, match="width"):
+        encode_images(FakeEncoder(width=1024), pixels, plus.spec)

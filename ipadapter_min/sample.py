@@ -1,20 +1,25 @@
-"""``python -m ipadapter_min.sample``: generate images from a prompt.
+"""``python -m ipadapter_min.sample``: generate images from a prompt and, with an IP-Adapter,
+from reference images.
 
     python -m ipadapter_min.sample --model sd15.safetensors --prompt "a red bicycle" --out bike.png
+    python -m ipadapter_min.sample --model sd15.safetensors --ip-adapter ip-adapter_sd15.bin \
+        --image-encoder models/image_encoder --image ref.png --prompt "" --scale 0.7 --out out.png
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
-from PIL import PngImagePlugin
+from PIL import Image, PngImagePlugin
 
 from weights_convert.files import CheckpointError
 
+from .ip_pipeline import IPAdapterPipeline
 from .pipeline import StableDiffusion, check_size
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -43,7 +48,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weights and activations precision")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    ip = p.add_argument_group(
+        "image prompt (IP-Adapter)",
+        "Give --ip-adapter, --image-encoder and --image together. --scale (λ) trades the reference image "
+        "against the text prompt: 1.0 follows the image closely and largely overrides the text; about 0.5 "
+        "balances image and text; 0 ignores the image and gives exactly the image made without an adapter. "
+        "Use an empty --prompt for image variations.")
+    ip.add_argument("--ip-adapter", type=Path, help="IP-Adapter weights: official .bin/.safetensors "
+                    "(ip-adapter_sd15, _light, -plus, -plus-face, -full-face, _vit-G) or a converted file")
+    ip.add_argument("--image-encoder", type=Path, help="CLIP image encoder: the release's image_encoder folder "
+                    "(config.json + model.safetensors; ViT-H/14, or ViT-bigG/14 for the vit-G adapter) or a converted file")
+    ip.add_argument("--image", type=Path, nargs="+", metavar="FILE", help="reference image(s); several are "
+                    "combined by --image-combine")
+    ip.add_argument("--scale", type=parse_scale, default=1.0, help="λ: a number, or a JSON dict of per-block values "
+                    "as diffusers' set_ip_adapter_scale takes, e.g. '{\"down\": {\"block_2\": [0.0, 1.0]}}' "
+                    "(blocks not named get 0)")
+    ip.add_argument("--image-combine", choices=["concat", "average"], default="concat",
+                    help="several reference images: concatenate their tokens (as diffusers) or average their embeddings")
+    ip.add_argument("--no-crop", action="store_true", help="resize reference images to 224×224 whole instead of "
+                    "CLIPImageProcessor's shortest-side resize and center crop")
     return p
+
+
+def parse_scale(text: str) -> float | dict:
+    """``--scale``: a number or a per-block JSON dict."""
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        raise argparse.ArgumentTypeError(f"expected a number or a JSON dict, got {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a number or a JSON dict, got {text!r}")
+    return value
 
 
 def output_paths(out: Path, count: int) -> list[Path]:
@@ -61,6 +100,16 @@ def validate(args: argparse.Namespace) -> list[Path]:
         raise ValueError(f"--steps must be in [1, 1000], got {args.steps}")
     if args.num_images < 1:
         raise ValueError(f"--num-images must be at least 1, got {args.num_images}")
+    given = [name for name in ("ip_adapter", "image_encoder", "image") if getattr(args, name)]
+    if given and len(given) < 3:
+        missing = sorted({"ip_adapter", "image_encoder", "image"} - set(given))
+        raise ValueError("an image prompt needs " + ", ".join("--" + m.replace("_", "-") for m in missing) + " too")
+    for name in ("ip_adapter", "image_encoder"):
+        if getattr(args, name) and not getattr(args, name).exists():
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: no such file or folder")
+    for image in args.image or []:
+        if not image.is_file():
+            raise ValueError(f"--image {image}: no such file")
     paths = output_paths(args.out, args.num_images)
     existing = [p for p in paths if p.exists()]
     if existing and not args.force:
@@ -74,6 +123,9 @@ def generation_parameters(args: argparse.Namespace, index: int) -> str:
               "guidance": args.guidance, "seed": args.seed, "image_index": index, "width": args.width,
               "height": args.height, "clip_skip": args.clip_skip, "sampler": "DDIM", "model": args.model.name,
               "dtype": args.dtype}
+    if args.ip_adapter:
+        fields.update({"ip_adapter": args.ip_adapter.name, "images": " ".join(p.name for p in args.image),
+                       "scale": json.dumps(args.scale), "image_combine": args.image_combine, "crop": not args.no_crop})
     return "\n".join(f"{k}: {v}" for k, v in fields.items())
 
 
@@ -91,18 +143,35 @@ def save_png(image, path: Path, parameters: str) -> None:
         raise
 
 
+def open_image(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image
+    except (OSError, Image.DecompressionBombError) as exc:
+        raise ValueError(f"--image {path}: not a readable image ({exc})") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         paths = validate(args)
         args.out.parent.mkdir(parents=True, exist_ok=True)
+        references = [open_image(p) for p in args.image or []]
+        generation = dict(steps=args.steps, guidance=args.guidance, seed=args.seed, width=args.width,
+                          height=args.height, num_images=args.num_images, clip_skip=args.clip_skip,
+                          progress=not args.no_progress)
+        device, dtype = args.device, DTYPES[args.dtype]
         try:
-            pipe = StableDiffusion.from_file(args.model, device=args.device, dtype=DTYPES[args.dtype])
+            if args.ip_adapter:
+                pipe = IPAdapterPipeline.from_files(args.model, args.ip_adapter, args.image_encoder, device, dtype)
+                images = pipe(args.prompt, references, scale=args.scale, negative_prompt=args.negative_prompt,
+                              combine=args.image_combine, crop=not args.no_crop, **generation)
+            else:
+                pipe = StableDiffusion.from_file(args.model, device=device, dtype=dtype)
+                images = pipe(args.prompt, args.negative_prompt, **generation)
         except CheckpointError as exc:
             raise ValueError(str(exc)) from None
-        images = pipe(args.prompt, args.negative_prompt, steps=args.steps, guidance=args.guidance, seed=args.seed,
-                      width=args.width, height=args.height, num_images=args.num_images, clip_skip=args.clip_skip,
-                      progress=not args.no_progress)
         for i, (image, path) in enumerate(zip(images, paths)):
             save_png(image, path, generation_parameters(args, i))
             print(f"wrote {path}")

@@ -37,3 +37,19 @@ def tiny(tmp_path_factory) -> Reference:
 def full(tmp_path_factory) -> Reference:
     """Full SD1.5 architecture (~1.1 G parameters): built once for the whole session."""
     return Reference(ref.FULL, tmp_path_factory.mktemp("full"))
+
+
+class ImageEncoderReference:
+    """transformers' CLIPVisionModelWithProjection at full ViT-H/14 size with random weights,
+    saved as the release's image_encoder folder."""
+
+    def __init__(self, folder: Path):
+        from ipadapter_min.image_encoder import ImageEncoderConfig
+        self.model = ref.random_hf_model(ImageEncoderConfig.vit_h_14())
+        self.folder = folder / "image_encoder"
+        self.model.save_pretrained(self.folder)
+
+
+@pytest.fixture(scope="session")
+def vit_h_reference(tmp_path_factory) -> ImageEncoderReference:
+    return ImageEncoderReference(tmp_path_factory.mktemp("vit_h"))

@@ -2,12 +2,18 @@
 file formats, for parity tests. Test-only: this is where the oracles are imported."""
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from ipadapter_min.image_encoder import ImageEncoderConfig
 
 FULL = "full"
 TINY = "tiny"
@@ -85,6 +91,7 @@ def clip_tokenizer(folder: Path):
     byte_chars = [chr(c) for c in cs]  # open_clip's order: printable bytes first, then the rest
     vocab = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m.split()) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
+    assert len(vocab) == len(set(vocab)) == 49408
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
@@ -100,8 +107,119 @@ def save_diffusers_folder(folder: Path, unet, vae, text_encoder) -> Path:
     return folder
 
 
-def diffusers_pipeline(unet, vae, text_encoder, tokenizer):
+def diffusers_pipeline(unet, vae, text_encoder, tokenizer, image_encoder=None, feature_extractor=None):
     from diffusers import StableDiffusionPipeline
     return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=ddim_scheduler(), safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+                                   scheduler=ddim_scheduler(), safety_checker=None, feature_extractor=feature_extractor,
+                                   image_encoder=image_encoder, requires_safety_checker=False)
+
+
+# Widths of the official keys ip_adapter.<n>.to_{k,v}_ip.weight (reference-facts.md): processors
+# counted down blocks → up blocks → mid block.
+OFFICIAL_WIDTHS = {1: 320, 3: 320, 5: 640, 7: 640, 9: 1280, 11: 1280, 13: 1280, 15: 1280, 17: 1280,
+                   19: 640, 21: 640, 23: 640, 25: 320, 27: 320, 29: 320, 31: 1280}
+
+
+# ---------------------------------------------------------------------------------------------
+# IP-Adapter: random weights in the official formats (key names and shapes from the official code)
+
+def projection_shapes(variant: str) -> dict[str, tuple[int, ...]]:
+    if variant in ("base", "light", "vit-g"):
+        embed = 1280 if variant == "vit-g" else 1024
+        return {"proj.weight": (3072, embed), "proj.bias": (3072,), "norm.weight": (768,), "norm.bias": (768,)}
+    if variant == "full-face":
+        return {"proj.0.weight": (1280, 1280), "proj.0.bias": (1280,), "proj.2.weight": (768, 1280),
+                "proj.2.bias": (768,), "proj.3.weight": (768,), "proj.3.bias": (768,)}
+    assert variant == "plus"
+    shapes = {"latents": (1, 16, 768), "proj_in.weight": (768, 1280), "proj_in.bias": (768,),
+              "proj_out.weight": (768, 768), "proj_out.bias": (768,),
+              "norm_out.weight": (768,), "norm_out.bias": (768,)}
+    for i in range(4):
+        for norm in ("norm1", "norm2"):
+            shapes[f"layers.{i}.0.{norm}.weight"] = shapes[f"layers.{i}.0.{norm}.bias"] = (768,)
+        shapes.update({f"layers.{i}.0.to_q.weight": (768, 768), f"layers.{i}.0.to_kv.weight": (1536, 768),
+                       f"layers.{i}.0.to_out.weight": (768, 768), f"layers.{i}.1.0.weight": (768,),
+                       f"layers.{i}.1.0.bias": (768,), f"layers.{i}.1.1.weight": (3072, 768),
+                       f"layers.{i}.1.3.weight": (768, 3072)})
+    return shapes
+
+
+def random_tensors(shapes: dict[str, tuple[int, ...]], seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for key, shape in shapes.items():
+        t = torch.empty(shape)
+        if len(shape) >= 2:  # U(±1/√fan_in), like PyTorch's default init
+            t.uniform_(-1 / math.sqrt(shape[-1]), 1 / math.sqrt(shape[-1]), generator=g)
+        elif key.endswith(".weight") and ("norm" in key or key.endswith(("1.0.weight", "proj.3.weight"))):
+            t.normal_(1, 0.1, generator=g)  # LayerNorm scales near 1 but not 1
+        else:
+            t.normal_(0, 0.05, generator=g)
+        out[key] = t.to(dtype)
+    return out
+
+
+@functools.lru_cache
+def _ip_part(widths: tuple[tuple[int, int], ...]) -> dict[str, torch.Tensor]:
+    shapes = {f"{n}.to_{kv}_ip.weight": (w, 768) for n, w in widths for kv in "kv"}
+    return random_tensors(shapes, 100, torch.float16)
+
+
+def official_state(variant: str, seed: int = 0, widths: dict[int, int] = OFFICIAL_WIDTHS) -> dict[str, dict]:
+    """{"image_proj": ..., "ip_adapter": ...} as the release stores it: fp16, the resampler fp32.
+    (All variants share one random ip_adapter part: generating it takes a while.)"""
+    proj_dtype = torch.float32 if variant == "plus" else torch.float16
+    return {"image_proj": random_tensors(projection_shapes(variant), seed, proj_dtype),
+            "ip_adapter": dict(_ip_part(tuple(widths.items())))}
+
+
+def write_official(state: dict[str, dict], path) -> None:
+    if path.suffix == ".bin":
+        torch.save(state, path)
+    else:
+        save_file({f"{part}.{k}": v for part, tensors in state.items() for k, v in tensors.items()}, str(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# Image encoder: transformers' CLIPVisionModelWithProjection (the release's image_encoder folder)
+
+def hf_config(cfg: ImageEncoderConfig):
+    from transformers import CLIPVisionConfig
+    return CLIPVisionConfig(
+        hidden_size=cfg.width, intermediate_size=cfg.mlp_width, num_hidden_layers=cfg.layers,
+        num_attention_heads=cfg.heads, patch_size=cfg.patch_size, image_size=cfg.image_size,
+        projection_dim=cfg.proj_dim, hidden_act=cfg.act, layer_norm_eps=cfg.layer_norm_eps,
+    )
+
+
+def random_hf_model(cfg: ImageEncoderConfig, seed: int = 0):
+    """A transformers model with random weights, without its (slow) init: built on the meta
+    device, then filled uniformly (faster than normal_): matrices with std 1/√fan_in (so
+    attention is not uniform and the class token depends on the image), vectors with std 0.02,
+    LayerNorm weights around 1."""
+    from transformers import CLIPVisionModelWithProjection
+    with torch.device("meta"):
+        model = CLIPVisionModelWithProjection(hf_config(cfg))
+    model.to_empty(device="cpu")
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            std = 1 / math.sqrt(p[0].numel()) if p.ndim >= 2 and "position" not in name else 0.02
+            p.uniform_(-std * math.sqrt(3), std * math.sqrt(3), generator=gen)
+            if "norm" in name and name.endswith(".weight"):
+                p.add_(1.0)
+        ids = model.vision_model.embeddings.position_ids  # a buffer that to_empty left garbage
+        ids.copy_(torch.arange(ids.shape[-1]).expand_as(ids))
+    return model.eval()
+
+
+def sample_images() -> list[Image.Image]:
+    """Non-square RGB images with structure and noise (deterministic)."""
+    rng = np.random.default_rng(0)
+    out = []
+    for w, h in [(640, 480), (300, 517), (225, 1000), (100, 150), (1023, 224), (224, 224)]:
+        x = np.linspace(0, 1, w)[None, :, None]
+        y = np.linspace(0, 1, h)[:, None, None]
+        a = 127.5 * (1 + np.sin(9 * x + 5 * y + np.arange(3))) + rng.normal(0, 25, (h, w, 3))
+        out.append(Image.fromarray(np.clip(a, 0, 255).astype(np.uint8)))
+    return out

@@ -2,8 +2,6 @@
 diffusers (the oracle) with random weights written in the official file formats."""
 from __future__ import annotations
 
-import functools
-import math
 import types
 
 import pytest
@@ -12,78 +10,13 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import ipadapter_min.ip_adapter as ipa
+from reference_models import OFFICIAL_WIDTHS, official_state, projection_shapes, write_official
 from ipadapter_min.attention import attention
 from ipadapter_min.image_projection import VIT_BIGG, VIT_H, detect_variant
 from ipadapter_min.ip_adapter import (LAYERS, IPAdapterLayers, cfg_image_tokens, encode_images, expand_scale,
                                       load_ip_adapter, to_project_layout)
 from weights_convert.files import CheckpointError, read_metadata
 from weights_convert.ip_adapter import convert_ip_adapter, write_ip_adapter
-
-# Widths of the official keys ip_adapter.<n>.to_{k,v}_ip.weight (reference-facts.md): processors
-# counted down blocks → up blocks → mid block.
-OFFICIAL_WIDTHS = {1: 320, 3: 320, 5: 640, 7: 640, 9: 1280, 11: 1280, 13: 1280, 15: 1280, 17: 1280,
-                   19: 640, 21: 640, 23: 640, 25: 320, 27: 320, 29: 320, 31: 1280}
-
-
-# ---------------------------------------------------------------------------------------------
-# Random weights in the official formats (key names and shapes from the official code)
-
-def projection_shapes(variant: str) -> dict[str, tuple[int, ...]]:
-    if variant in ("base", "light", "vit-g"):
-        embed = 1280 if variant == "vit-g" else 1024
-        return {"proj.weight": (3072, embed), "proj.bias": (3072,), "norm.weight": (768,), "norm.bias": (768,)}
-    if variant == "full-face":
-        return {"proj.0.weight": (1280, 1280), "proj.0.bias": (1280,), "proj.2.weight": (768, 1280),
-                "proj.2.bias": (768,), "proj.3.weight": (768,), "proj.3.bias": (768,)}
-    assert variant == "plus"
-    shapes = {"latents": (1, 16, 768), "proj_in.weight": (768, 1280), "proj_in.bias": (768,),
-              "proj_out.weight": (768, 768), "proj_out.bias": (768,),
-              "norm_out.weight": (768,), "norm_out.bias": (768,)}
-    for i in range(4):
-        for norm in ("norm1", "norm2"):
-            shapes[f"layers.{i}.0.{norm}.weight"] = shapes[f"layers.{i}.0.{norm}.bias"] = (768,)
-        shapes.update({f"layers.{i}.0.to_q.weight": (768, 768), f"layers.{i}.0.to_kv.weight": (1536, 768),
-                       f"layers.{i}.0.to_out.weight": (768, 768), f"layers.{i}.1.0.weight": (768,),
-                       f"layers.{i}.1.0.bias": (768,), f"layers.{i}.1.1.weight": (3072, 768),
-                       f"layers.{i}.1.3.weight": (768, 3072)})
-    return shapes
-
-
-def random_tensors(shapes: dict[str, tuple[int, ...]], seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for key, shape in shapes.items():
-        t = torch.empty(shape)
-        if len(shape) >= 2:  # U(±1/√fan_in), like PyTorch's default init
-            t.uniform_(-1 / math.sqrt(shape[-1]), 1 / math.sqrt(shape[-1]), generator=g)
-        elif key.endswith(".weight") and ("norm" in key or key.endswith(("1.0.weight", "proj.3.weight"))):
-            t.normal_(1, 0.1, generator=g)  # LayerNorm scales near 1 but not 1
-        else:
-            t.normal_(0, 0.05, generator=g)
-        out[key] = t.to(dtype)
-    return out
-
-
-@functools.lru_cache
-def _ip_part(widths: tuple[tuple[int, int], ...]) -> dict[str, torch.Tensor]:
-    shapes = {f"{n}.to_{kv}_ip.weight": (w, 768) for n, w in widths for kv in "kv"}
-    return random_tensors(shapes, 100, torch.float16)
-
-
-def official_state(variant: str, seed: int = 0, widths: dict[int, int] = OFFICIAL_WIDTHS) -> dict[str, dict]:
-    """{"image_proj": ..., "ip_adapter": ...} as the release stores it: fp16, the resampler fp32.
-    (All variants share one random ip_adapter part: generating it takes a while.)"""
-    proj_dtype = torch.float32 if variant == "plus" else torch.float16
-    return {"image_proj": random_tensors(projection_shapes(variant), seed, proj_dtype),
-            "ip_adapter": dict(_ip_part(tuple(widths.items())))}
-
-
-def write_official(state: dict[str, dict], path) -> None:
-    if path.suffix == ".bin":
-        torch.save(state, path)
-    else:
-        save_file({f"{part}.{k}": v for part, tensors in state.items() for k, v in tensors.items()}, str(path))
-
 
 @pytest.fixture(scope="module")
 def states():

@@ -5,8 +5,6 @@ tok(texts, padding="max_length", max_length=77, truncation=True, return_tensors=
 """
 
 import ast
-import gzip
-import json
 import pathlib
 import sys
 import unicodedata
@@ -16,36 +14,15 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import reference_models
 from ipadapter_min import tokenizer as T
 from ipadapter_min.tokenizer import Tokenizer
 
-transformers = pytest.importorskip("transformers")
-tokenizers = pytest.importorskip("tokenizers")
-
-
-def _write_clip_vocab(folder):
-    """vocab.json / merges.txt the way CLIP's vocabulary is derived from open_clip's BPE file:
-    the 256 byte characters, the same with "</w>", the merges, then the two special tokens."""
-    with gzip.open(T.bpe_vocab_path(), "rt", encoding="utf-8") as f:
-        merges = [tuple(line.split()) for line in f.read().split("\n")[1 : 49152 - 256 - 2 + 1]]
-    # GPT-2's byte-to-unicode table, written out independently of the code under test.
-    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
-    others = [b for b in range(256) if b not in printable]
-    byte_chars = [chr(b) for b in printable] + [chr(256 + i) for i in range(len(others))]
-    tokens = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    vocab = {t: i for i, t in enumerate(tokens)}
-    assert len(vocab) == len(tokens) == 49408
-    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
-    lines = ["#version: 0.2"] + [" ".join(m) for m in merges]
-    (folder / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 @pytest.fixture(scope="module")
 def ref(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("clip_tokenizer")
-    _write_clip_vocab(folder)
-    tok = transformers.CLIPTokenizer.from_pretrained(str(folder))
+    tok = reference_models.clip_tokenizer(tmp_path_factory.mktemp("clip_tokenizer"))
     assert tok.convert_tokens_to_ids(["<|startoftext|>", "<|endoftext|>"]) == [49406, 49407]
     assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (49406, 49407, 49407)
     return tok

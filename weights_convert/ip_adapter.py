@@ -12,7 +12,6 @@ encoder, encoder_output, tokens, source (the input's file name, for information 
 """
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 
@@ -46,12 +45,3 @@ def write_ip_adapter(src: str | os.PathLike, out: str | os.PathLike, force: bool
     return (f"{out}: IP-Adapter {metadata['variant']} ({metadata['encoder']} {metadata['encoder_output']}, "
             f"{metadata['tokens']} tokens), {len(tensors)} tensors, {params / 1e6:.1f} M parameters")
 
-
-def add_ip_adapter_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register ``ip-adapter SRC -o OUT [--force]`` (args.src, args.out, args.force); run it with
-    ``print(write_ip_adapter(args.src, args.out, args.force))``."""
-    parser = subparsers.add_parser("ip-adapter", help="IP-Adapter for SD1.5: official .bin or .safetensors")
-    parser.add_argument("src", type=Path, help="official IP-Adapter file (.bin or .safetensors)")
-    parser.add_argument("-o", "--out", type=Path, required=True, help="output .safetensors file")
-    parser.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
-    return parser

@@ -1,0 +1,65 @@
+"""Image prompts: Stable Diffusion 1.5 + a CLIP image encoder + an IP-Adapter.
+
+Reference images → encoder features → adapter projection → image tokens (unconditional rows
+first, as the text batch) → the adapter's cross-attention hook → the ordinary SD1.5 loop.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from PIL import Image
+
+from .image_encoder import ImageEncoder, load_image_encoder, preprocess
+from .ip_adapter import IPAdapter, image_prompt_tokens, load_ip_adapter
+from .pipeline import StableDiffusion
+
+
+def check_compatible(adapter: IPAdapter, encoder: ImageEncoder, where: str = "") -> None:
+    """An adapter only works with the encoder it was trained with: say so before any work."""
+    spec, cfg = adapter.spec, encoder.config
+    width = cfg.width if spec.uses_hidden_states else cfg.proj_dim
+    if width != spec.feature_dim:
+        kind = "hidden width" if spec.uses_hidden_states else "projection width"
+        raise ValueError(f"{where}the {spec.variant} IP-Adapter needs a {spec.encoder} image encoder ({spec.encoder_output} "
+                         f"of width {spec.feature_dim}); the given encoder ({cfg.name}) has {kind} {width}")
+
+
+class IPAdapterPipeline:
+    """Load once, generate many: ``pipe(prompt, images, scale)``."""
+
+    def __init__(self, sd: StableDiffusion, adapter: IPAdapter, encoder: ImageEncoder):
+        check_compatible(adapter, encoder)
+        self.sd, self.adapter, self.encoder = sd, adapter, encoder
+
+    @classmethod
+    def from_files(cls, model: str | Path, ip_adapter: str | Path, image_encoder: str | Path,
+                   device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> "IPAdapterPipeline":
+        """SD1.5 weights (any format ``StableDiffusion.from_file`` takes), an official or converted
+        IP-Adapter file, and an image-encoder folder or converted file."""
+        adapter = load_ip_adapter(ip_adapter, device=device, dtype=dtype)
+        encoder = load_image_encoder(image_encoder, device=device, dtype=dtype)
+        check_compatible(adapter, encoder, f"{ip_adapter} with {image_encoder}: ")
+        return cls(StableDiffusion.from_file(model, device=device, dtype=dtype), adapter, encoder)
+
+    @torch.no_grad()
+    def image_tokens(self, images: Sequence[Image.Image], guidance: float, num_images: int = 1,
+                     combine: str = "concat", crop: bool = True) -> torch.Tensor:
+        """Image tokens in the UNet's batch order for ``num_images`` images per prompt.
+        Several reference images are concatenated (as the reference does) or averaged."""
+        pixels = preprocess(list(images), crop=crop).to(self.encoder.device, self.encoder.dtype)
+        return image_prompt_tokens(self.adapter, self.encoder, pixels, batch_size=num_images,
+                                   guidance=guidance > 1, combine=combine)
+
+    def __call__(self, prompt: str, images: Sequence[Image.Image], scale: object = 1.0, negative_prompt: str = "",
+                 guidance: float = 7.5, num_images: int = 1, combine: str = "concat", crop: bool = True,
+                 **generation) -> list[Image.Image]:
+        """``scale`` (λ) weighs the image against the text: 1.0 follows the image closely, about
+        0.5 balances image and prompt, 0 ignores the image (the base model's exact output).
+        It may also be 16 per-layer values or a per-block dict ({"down": {"block_2": [0, 1]}})."""
+        if not images:
+            raise ValueError("at least one reference image is needed")
+        tokens = self.image_tokens(images, guidance, num_images, combine, crop)
+        return self.sd(prompt, negative_prompt, guidance=guidance, num_images=num_images,
+                       hook=self.adapter.hook(tokens, scale), **generation)

@@ -165,3 +165,37 @@ def test_sample_help_explains_flags():
     for flag in ("--model", "--prompt", "--negative-prompt", "--steps", "--guidance", "--seed", "--width", "--height",
                  "--num-images", "--out", "--device", "--dtype"):
         assert flag in result.stdout
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--ip-adapter", "a.bin"], "an image prompt needs --image, --image-encoder too"),
+    (["--ip-adapter", "{d}/missing.bin", "--image-encoder", "{d}", "--image", "{d}/r.png"], "--ip-adapter"),
+    (["--ip-adapter", "{d}/a.bin", "--image-encoder", "{d}", "--image", "{d}/none.png"], "--image"),
+    (["--scale", "lots"], "expected a number or a JSON dict"),
+])
+def test_sample_rejects_bad_image_prompt_arguments(tiny, tmp_path, capsys, extra, message):
+    (tmp_path / "a.bin").write_bytes(b"x")
+    (tmp_path / "r.png").write_bytes(b"x")
+    extra = [e.format(d=tmp_path) for e in extra]
+    try:
+        code = sample.main(["--model", str(tiny.folder), "--out", str(tmp_path / "o.png"), *extra])
+    except SystemExit as exit:  # argparse's own errors
+        code = exit.code
+    assert code == 2 and message in capsys.readouterr().err
+
+
+def test_sample_refuses_adapter_with_the_wrong_encoder(tiny, tmp_path, capsys):
+    """A ViT-H adapter (1024-wide embedding) with a different image encoder: one clear line."""
+    import reference_models as ref
+    from ipadapter_min.image_encoder import ImageEncoderConfig
+    ref.random_hf_model(ImageEncoderConfig.tiny()).save_pretrained(tmp_path / "encoder")
+    ref.write_official(ref.official_state("base"), tmp_path / "ip-adapter_sd15.bin")
+    from PIL import Image
+    Image.new("RGB", (64, 48), "red").save(tmp_path / "ref.png")
+    capsys.readouterr()
+    code = sample.main(["--model", str(tiny.folder), "--out", str(tmp_path / "o.png"), "--ip-adapter",
+                        str(tmp_path / "ip-adapter_sd15.bin"), "--image-encoder", str(tmp_path / "encoder"),
+                        "--image", str(tmp_path / "ref.png")])
+    err = capsys.readouterr().err
+    assert code == 2 and "needs a ViT-H/14 image encoder" in err and err.count("\n") == 1
+    assert not (tmp_path / "o.png").exists()

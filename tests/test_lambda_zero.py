@@ -1,0 +1,455 @@
+"""Property: with λ = 0 the IP-Adapter changes nothing, bit for bit.
+
+For random small SD1.5-structured UNets (channel_mult (1, 2, 4, 4), attention at levels 0..2,
+2 res blocks: the 16 cross-attention layers), random inputs, dtypes (fp32, bf16, fp16) and every
+device the machine has (CPU, plus CUDA when available), a UNet called with an adapter hook whose λ
+is zero — in any of its forms: 0, 0.0, -0.0, 0-d tensors of any dtype, a list of 16 zeros, a
+per-block dict of zeros, an empty dict — returns exactly the base UNet's bits. "Exactly" means
+the raw bits (an integer view), so -0.0 vs +0.0 and NaN payloads count. The image tokens hold
+NaN, ±inf and -0.0 (λ = 0 must not look at them); text tokens and latents hold -0.0 entries.
+The same holds for the whole DDIM loop with CFG (``StableDiffusion.denoise``) and for
+``StableDiffusion.__call__`` with a tiny text encoder and VAE.
+
+Controls show each comparison can fail: a nonzero λ on a single layer changes the output bits.
+"""
+from __future__ import annotations
+
+import contextlib
+import fractions
+import functools
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ipadapter_min.attention import attention
+from ipadapter_min.image_projection import VIT_H, AdapterSpec
+from ipadapter_min.ip_adapter import (IPAdapter, IPAdapterLayers, ImagePromptAttention, cfg_image_tokens,
+                                      expand_scale)
+from ipadapter_min.pipeline import StableDiffusion, cfg_batch
+from ipadapter_min.text_encoder import TextEncoder, TextEncoderConfig
+from ipadapter_min.tokenizer import Tokenizer
+from ipadapter_min.unet import UNet, UNetConfig
+from ipadapter_min.vae import VAE, VAEConfig
+
+DEVICES = [pytest.param("cpu"),
+           pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]  # fp16 convolutions run on CPU too
+PROPERTY = settings(derandomize=True, deadline=None, database=None, print_blob=False,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+# ----------------------------------------------------------------------------------------------
+# Bits
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bit patterns of a floating-point tensor, as integers (on the CPU)."""
+    t = t.detach().cpu().contiguous()
+    return t.view({8: torch.int64, 4: torch.int32, 2: torch.int16}[t.element_size()])
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(bits(a), bits(b))
+
+
+def describe_difference(a: torch.Tensor, b: torch.Tensor) -> str:
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return f"{a.dtype}{list(a.shape)} vs {b.dtype}{list(b.shape)}"
+    differ = (bits(a) != bits(b)).nonzero()
+    i = tuple(differ[0].tolist())
+    return (f"{len(differ)} of {a.numel()} elements differ in their bits; first at {i}: "
+            f"{a.detach().cpu()[i].item()!r} vs {b.detach().cpu()[i].item()!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Models (small, cached: building dominates otherwise)
+
+CHANNELS = (16, 32)
+GROUPS = (4, 8, 16)
+HEADS = (1, 2, 4, 8)
+TEXT_WIDTHS = (32, 768)
+TOKEN_WIDTHS = (768, 48)  # IPAdapterLayers' input width; the product's is 768
+
+
+@functools.lru_cache(maxsize=6)
+def small_unet(channels: int, groups: int, heads: int, context_dim: int, dtype: torch.dtype, device: str) -> UNet:
+    cfg = UNetConfig(channels=channels, groups=groups, heads=heads, context_dim=context_dim)
+    assert (cfg.channel_mult, cfg.attention_levels, cfg.res_blocks) == ((1, 2, 4, 4), (0, 1, 2), 2)  # SD1.5's
+    torch.manual_seed(hash((channels, groups, heads, context_dim)) % 2**31)
+    unet = UNet(cfg).eval()
+    assert len(unet.cross_attention_layers()) == 16
+    return unet.to(device=device, dtype=dtype)
+
+
+def widths_of(unet: UNet) -> list[int]:
+    return [layer.to_q.out_features for layer in unet.cross_attention_layers()]
+
+
+@functools.lru_cache(maxsize=6)
+def adapter_layers(widths: tuple[int, ...], token_width: int, dtype: torch.dtype, device: str) -> IPAdapterLayers:
+    torch.manual_seed(sum(widths) + token_width)
+    return IPAdapterLayers(widths=widths, context_dim=token_width).to(device=device, dtype=dtype)
+
+
+@functools.lru_cache(maxsize=1)
+def tokenizer() -> Tokenizer:
+    return Tokenizer()
+
+
+@st.composite
+def unet_configs(draw) -> tuple[int, int, int, int]:
+    channels = draw(st.sampled_from(CHANNELS))
+    groups = draw(st.sampled_from([g for g in GROUPS if channels % g == 0]))
+    heads = draw(st.sampled_from([h for h in HEADS if channels % h == 0]))
+    return channels, groups, heads, draw(st.sampled_from(TEXT_WIDTHS))
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs with corner values
+
+
+def special(values: list[float], dtype: torch.dtype) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float64).to(dtype)
+
+
+def nan_payloads(dtype: torch.dtype) -> torch.Tensor:
+    """NaNs with unusual payloads and signs, built from their bits."""
+    if dtype == torch.float32:
+        return torch.tensor([0x7FC00001, -0x00400001, 0x7F800001], dtype=torch.int32).view(dtype)  # +q, -q, signaling
+    if dtype == torch.float16:
+        return torch.tensor([0x7E01, -0x01FF, 0x7C01], dtype=torch.int16).view(dtype)
+    return torch.tensor([0x7FC1, -0x003F, 0x7F81], dtype=torch.int16).view(dtype)  # bfloat16
+
+
+def random_tensor(shape, dtype: torch.dtype, seed: int, corners: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Standard normal values with a ``fraction`` of the entries replaced by ``corners`` (cycled)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g).to(dtype)
+    if len(corners) and fraction > 0:
+        where = (torch.rand(shape, generator=g) < fraction).nonzero(as_tuple=True)
+        picks = torch.randint(len(corners), (len(where[0]),), generator=g)
+        x[where] = corners.to(dtype)[picks]
+    return x
+
+
+def latents_like(shape, dtype, seed, fraction):
+    return random_tensor(shape, dtype, seed, special([-0.0, 0.0], dtype), fraction)
+
+
+def text_tokens(shape, dtype, seed, fraction):
+    return random_tensor(shape, dtype, seed, special([-0.0], dtype), fraction)
+
+
+def image_tokens(shape, dtype, seed, fraction):
+    corners = torch.cat([special([float("nan"), float("inf"), -float("inf"), -0.0, 1e4], dtype), nan_payloads(dtype)])
+    return random_tensor(shape, dtype, seed, corners, fraction)
+
+
+# ----------------------------------------------------------------------------------------------
+# λ = 0 in every form
+
+def _zero_scalars():
+    return [0, 0.0, -0.0, np.float32(-0.0), np.float64(0.0), np.int64(0), fractions.Fraction(0),
+            torch.tensor(0.0), torch.tensor(-0.0), torch.tensor(-0.0, dtype=torch.float16),
+            torch.tensor(0.0, dtype=torch.float16), torch.tensor(-0.0, dtype=torch.bfloat16),
+            torch.tensor(-0.0, dtype=torch.float64), torch.tensor(0), torch.tensor(-0.0, requires_grad=True)]
+
+
+zero_scalars = st.sampled_from(_zero_scalars())
+
+
+def zero_lists(n: int):
+    return st.one_of(st.lists(zero_scalars, min_size=n, max_size=n),
+                     st.lists(zero_scalars, min_size=n, max_size=n).map(tuple),
+                     st.sampled_from([torch.zeros(n), -torch.zeros(n, dtype=torch.float16),
+                                      -torch.zeros(n, dtype=torch.bfloat16)]))
+
+
+def zero_block_values(layers: int):
+    """What diffusers accepts for one block: a number, a 1-element list, or one value per layer."""
+    return st.one_of(zero_scalars, zero_lists(1), zero_lists(layers))
+
+
+@st.composite
+def zero_block_dicts(draw) -> dict:
+    """diffusers / InstantStyle per-block dicts, every value zero (missing blocks are 0 too)."""
+    out = {}
+    if draw(st.booleans()):
+        out["mid"] = draw(st.one_of(zero_scalars, zero_lists(1)))
+    for updown, blocks, layers in (("down", (0, 1, 2), 2), ("up", (1, 2, 3), 3)):
+        form = draw(st.sampled_from(["missing", "all", "named"]))
+        if form == "all":  # a value for every attention block
+            out[updown] = draw(zero_block_values(layers))
+        elif form == "named":
+            names = draw(st.lists(st.sampled_from(blocks), unique=True, max_size=3))
+            out[updown] = {f"block_{b}": draw(zero_block_values(layers)) for b in names}
+    return out
+
+
+# (λ, strict): forms whose λ is zero in every layer. The last kind is diffusers' leniency: with
+# strict=False, entries for blocks without attention layers are ignored, so nonzero values there
+# still mean λ = 0 everywhere.
+zero_scales = st.one_of(
+    st.tuples(zero_scalars, st.just(True)),
+    st.tuples(zero_lists(16), st.just(True)),
+    st.tuples(zero_block_dicts(), st.just(True)),
+    st.just(({}, True)),
+    st.just(({"down": {"block_3": 0.8}, "up": {"block_0": [1.0, 0.5, 2.0]}}, False)),
+)
+
+
+def on(device: str, scale):
+    """The λ value with its tensors moved to ``device`` (a CUDA 0-d tensor λ is a form too)."""
+    if isinstance(scale, torch.Tensor):
+        return scale.detach().to(device).requires_grad_(scale.requires_grad)
+    if isinstance(scale, (list, tuple)):
+        return type(scale)(on(device, x) for x in scale)
+    if isinstance(scale, dict):
+        return {k: on(device, v) for k, v in scale.items()}
+    return scale
+
+
+class ProjectionCalls:
+    """Counts calls of the adapter's to_k_ip / to_v_ip layers (λ = 0 must not compute image K/V)."""
+
+    def __init__(self, layers: IPAdapterLayers):
+        self.layers = []
+        self.handles = [lin.register_forward_hook(lambda m, a, o, i=i: self.layers.append(i))
+                        for i, layer in enumerate(layers) for lin in (layer.to_k_ip, layer.to_v_ip)]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+
+
+def grad_mode(mode: str):
+    return {"no_grad": torch.no_grad, "inference": torch.inference_mode, "grad": contextlib.nullcontext}[mode]()
+
+
+# ----------------------------------------------------------------------------------------------
+# One UNet call
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@settings(PROPERTY, max_examples=25)
+@given(config=unet_configs(), dtype=st.sampled_from(DTYPES), layers_dtype=st.sampled_from(["unet", torch.float32]),
+       token_width=st.sampled_from(TOKEN_WIDTHS), batch=st.integers(1, 3),
+       hw=st.sampled_from([(8, 8), (16, 8), (8, 16)]), text_len=st.integers(1, 9), image_len=st.integers(1, 6),
+       per_row_t=st.booleans(), t=st.integers(0, 999), seed=st.integers(0, 2**31 - 1),
+       fraction=st.sampled_from([0.0, 0.05, 0.3, 1.0]), zero=zero_scales,
+       used_before=st.booleans(), mode=st.sampled_from(["no_grad", "inference", "grad"]))
+def test_unet_with_zero_lambda_hook_is_bit_identical(device, config, dtype, layers_dtype, token_width, batch, hw,
+                                                      text_len, image_len, per_row_t, t, seed, fraction, zero,
+                                                      used_before, mode):
+    unet = small_unet(*config, dtype, device)
+    layers = adapter_layers(tuple(widths_of(unet)), token_width, dtype if layers_dtype == "unet" else layers_dtype,
+                            device)
+    x = latents_like((batch, 4, *hw), dtype, seed, fraction).to(device)
+    context = text_tokens((batch, text_len, config[3]), dtype, seed + 1, fraction).to(device)
+    tokens = image_tokens((batch, image_len, token_width), dtype, seed + 2, max(fraction, 0.05)).to(device)
+    timestep = (torch.arange(batch) * 97 + t) % 1000 if per_row_t else torch.tensor(t)
+    timestep = timestep.to(device)
+    scale, strict = zero
+    assert expand_scale(scale, strict=strict) == (0.0,) * 16
+
+    with grad_mode(mode):
+        base = unet(x, timestep, context)
+        if used_before:  # a hook that ran with λ ≠ 0 (image K/V cached) and was then set to 0
+            hook = ImagePromptAttention(layers, tokens.nan_to_num(), 0.7)
+            unet(x, timestep, context, hook)
+            hook.set_scale(on(device, scale), strict=strict)
+        else:
+            hook = ImagePromptAttention(layers, tokens, on(device, scale), strict=strict)
+        with ProjectionCalls(layers) as calls:
+            with_hook = unet(x, timestep, context, hook)
+
+    assert same_bits(with_hook, base), describe_difference(with_hook, base)
+    assert calls.layers == []  # λ = 0: the image tokens were not even projected
+
+
+# ----------------------------------------------------------------------------------------------
+# λ per layer: the zero layers give plain attention's bits, the others do not
+
+
+class CheckingHook:
+    """Runs the adapter hook and compares each layer's output with plain attention on the same q, k, v."""
+
+    def __init__(self, inner):
+        self.inner, self.order, self.same = inner, [], {}
+
+    def __call__(self, layer, q, k, v):
+        out = self.inner(layer, q, k, v)
+        self.order.append(layer)
+        self.same[layer] = same_bits(out, attention(q, k, v))
+        return out
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@settings(PROPERTY, max_examples=12)
+@given(config=unet_configs(), dtype=st.sampled_from(DTYPES), batch=st.integers(1, 2),
+       seed=st.integers(0, 2**31 - 1), zeros=st.lists(st.booleans(), min_size=16, max_size=16),
+       zero=zero_scalars, nonzero=st.sampled_from([1.0, 0.5, -0.3, torch.tensor(2.0)]),
+       fraction=st.sampled_from([0.0, 0.1]))
+def test_zero_layers_are_plain_attention_and_others_are_not(device, config, dtype, batch, seed, zeros, zero,
+                                                            nonzero, fraction):
+    unet = small_unet(*config, dtype, device)
+    layers = adapter_layers(tuple(widths_of(unet)), 768, dtype, device)
+    x = latents_like((batch, 4, 8, 8), dtype, seed, fraction).to(device)
+    context = text_tokens((batch, 5, config[3]), dtype, seed + 1, fraction).to(device)
+    # Finite image tokens, so that a nonzero layer's difference is a real one (NaN would also differ).
+    tokens = random_tensor((batch, 4, 768), dtype, seed + 2, special([-0.0], dtype), fraction).to(device)
+    scale = [on(device, zero) if z else on(device, nonzero) for z in zeros]
+    hook = CheckingHook(ImagePromptAttention(layers, tokens, scale))
+    with torch.no_grad(), ProjectionCalls(layers) as calls:
+        unet(x, torch.tensor(321, device=device), context, hook)
+    assert hook.order == list(range(16))  # the hook sees the 16 layers in run order
+    assert [hook.same[i] for i in range(16)] == zeros  # bit-identical exactly where λ is 0
+    assert sorted(set(calls.layers)) == [i for i in range(16) if not zeros[i]]
+
+
+# ----------------------------------------------------------------------------------------------
+# The DDIM loop with CFG
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@settings(PROPERTY, max_examples=10)
+@given(config=unet_configs(), dtype=st.sampled_from(DTYPES), copies=st.integers(1, 2), steps=st.integers(1, 3),
+       guidance=st.sampled_from([1.0, 3.0, 7.5]), hw=st.sampled_from([(8, 8), (16, 8)]),
+       seed=st.integers(0, 2**31 - 1), fraction=st.sampled_from([0.0, 0.1]), zero=zero_scales)
+def test_denoise_with_zero_lambda_hook_is_bit_identical(device, config, dtype, copies, steps, guidance, hw, seed,
+                                                        fraction, zero):
+    unet = small_unet(*config, dtype, device)
+    layers = adapter_layers(tuple(widths_of(unet)), 768, dtype, device)
+    sd = StableDiffusion(unet, None, None, tokenizer=tokenizer())
+    cond = text_tokens((1, 7, config[3]), dtype, seed, fraction).to(device)
+    uncond = text_tokens((1, 7, config[3]), dtype, seed + 1, fraction).to(device) if guidance > 1 else None
+    context = cfg_batch(cond, uncond, copies)
+    latents = latents_like((copies, 4, *hw), dtype, seed + 2, fraction).to(device)
+    tokens = image_tokens((context.shape[0], 4, 768), dtype, seed + 3, 0.3).to(device)
+    scale, strict = zero
+
+    base = sd.denoise(latents, context, steps, guidance, progress=False)
+    with ProjectionCalls(layers) as calls:
+        with_hook = sd.denoise(latents, context, steps, guidance,
+                               ImagePromptAttention(layers, tokens, on(device, scale), strict=strict), progress=False)
+    assert same_bits(with_hook, base), describe_difference(with_hook, base)
+    assert calls.layers == []
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole pipeline (tiny text encoder and VAE), with an IPAdapter built the public way
+
+
+class RecordingVAE(torch.nn.Module):
+    def __init__(self, vae: VAE):
+        super().__init__()
+        self.vae, self.latents = vae, []
+
+    def decode(self, latents):
+        self.latents.append(latents.clone())
+        return self.vae.decode(latents)
+
+
+@functools.lru_cache(maxsize=2)
+def tiny_pipeline(dtype: torch.dtype, device: str) -> tuple[StableDiffusion, IPAdapter]:
+    unet = small_unet(16, 8, 2, 32, dtype, device)
+    torch.manual_seed(11)
+    text = TextEncoder(TextEncoderConfig(width=32, layers=1, heads=2, mlp_width=37)).eval().to(device, dtype)
+    vae = VAE(VAEConfig(channels=16, channel_mult=(1, 1, 1, 1), res_blocks=1, groups=8)).eval().to(device, dtype)
+    adapter = IPAdapter(AdapterSpec("base", VIT_H, "image_embeds", 1024, 4), widths_of(unet)).eval().to(device, dtype)
+    return StableDiffusion(unet, RecordingVAE(vae), text, tokenizer=tokenizer()), adapter
+
+
+def generate(sd: StableDiffusion, hook, guidance: float, num_images: int):
+    sd.vae.latents.clear()
+    images = sd("a red bicycle", "blurry", steps=2, guidance=guidance, seed=5, width=64, height=64,
+                num_images=num_images, hook=hook, progress=False)
+    return b"".join(im.tobytes() for im in images), sd.vae.latents[0]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@settings(PROPERTY, max_examples=4)
+@given(dtype=st.sampled_from([torch.float32, torch.bfloat16]), guidance=st.sampled_from([1.0, 7.5]),
+       num_images=st.integers(1, 2), zero=zero_scales, seed=st.integers(0, 2**31 - 1))
+def test_pipeline_with_zero_lambda_adapter_is_bit_identical(device, dtype, guidance, num_images, zero, seed):
+    sd, adapter = tiny_pipeline(dtype, device)
+    features = image_tokens((1, 1024), dtype, seed, 0.1).to(device)  # NaN / inf in the image features
+    with torch.no_grad():
+        tokens = cfg_image_tokens(adapter, features, batch_size=num_images, guidance=guidance > 1)
+    scale, strict = zero
+    base_images, base_latents = generate(sd, None, guidance, num_images)
+    images, latents = generate(sd, adapter.hook(tokens, on(device, scale), strict=strict), guidance, num_images)
+    assert same_bits(latents, base_latents), describe_difference(latents, base_latents)
+    assert images == base_images
+
+
+# ----------------------------------------------------------------------------------------------
+# Controls: the comparisons above can fail
+
+
+def one_layer_dicts():
+    """Per-block dicts with exactly one nonzero layer (and zeros elsewhere)."""
+    return [{"mid": 0.5}, {"down": {"block_0": [0.0, 1.0]}}, {"up": {"block_3": [0.0, 0.0, -0.0]}, "mid": [1.0]},
+            {"down": 0.0, "up": {"block_1": [0.0, 0.25, 0.0]}}]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scale", [1.0, torch.tensor(0.5), [0.0] * 15 + [1.0], *one_layer_dicts()],
+                         ids=lambda s: repr(s).replace(" ", ""))
+def test_control_nonzero_lambda_changes_the_unet_output(device, dtype, scale):
+    unet = small_unet(32, 8, 4, 768, dtype, device)
+    layers = adapter_layers(tuple(widths_of(unet)), 768, dtype, device)
+    x = latents_like((2, 4, 8, 8), dtype, 0, 0.1).to(device)
+    context = text_tokens((2, 5, 768), dtype, 1, 0.1).to(device)
+    tokens = torch.randn(2, 4, 768, generator=torch.Generator().manual_seed(2)).to(device, dtype)
+    with torch.no_grad():
+        base = unet(x, torch.tensor(500, device=device), context)
+        hook = ImagePromptAttention(layers, tokens, on(device, scale))
+        with_hook = unet(x, torch.tensor(500, device=device), context, hook)
+        hook.set_scale(-0.0)  # ... and back to λ = 0 gives the base bits again, K/V cache and all
+        again = unet(x, torch.tensor(500, device=device), context, hook)
+    assert torch.isfinite(base).all() and torch.isfinite(with_hook).all()
+    assert not same_bits(with_hook, base)
+    assert (bits(with_hook) != bits(base)).float().mean() > 0.5  # not just a stray bit
+    assert same_bits(again, base)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_control_nonzero_lambda_changes_denoised_latents_and_images(device, dtype):
+    unet = small_unet(16, 4, 2, 32, dtype, device)
+    layers = adapter_layers(tuple(widths_of(unet)), 768, dtype, device)
+    sd = StableDiffusion(unet, None, None, tokenizer=tokenizer())
+    cond, uncond = text_tokens((2, 1, 6, 32), dtype, 3, 0.1).to(device)
+    context = cfg_batch(cond, uncond, 1)
+    latents = latents_like((1, 4, 8, 8), dtype, 4, 0.1).to(device)
+    tokens = torch.randn(2, 4, 768, generator=torch.Generator().manual_seed(5)).to(device, dtype)
+    base = sd.denoise(latents, context, 3, 7.5, progress=False)
+    changed = sd.denoise(latents, context, 3, 7.5, ImagePromptAttention(layers, tokens, {"mid": 1.0}), progress=False)
+    assert torch.isfinite(changed).all() and not same_bits(changed, base)
+
+    if dtype != torch.float16:
+        pipe, adapter = tiny_pipeline(dtype, device)
+        features = torch.randn(1, 1024, generator=torch.Generator().manual_seed(6)).to(device, pipe.dtype)
+        with torch.no_grad():
+            image_tokens_ = cfg_image_tokens(adapter, features, batch_size=1)
+        base_images, base_latents = generate(pipe, None, 7.5, 1)
+        images, lat = generate(pipe, adapter.hook(image_tokens_, {"up": {"block_1": 1.0}}), 7.5, 1)
+        assert not same_bits(lat, base_latents)
+        assert images != base_images
+
+
+def test_bits_see_signed_zeros_and_nan_payloads():
+    """The comparison itself: equal values with different bits are different."""
+    assert not same_bits(torch.tensor([0.0]), torch.tensor([-0.0]))
+    for dtype in DTYPES:
+        nans = nan_payloads(dtype)
+        assert torch.isnan(nans).all()
+        assert not same_bits(nans[:1], nans[1:2])
+        assert same_bits(nans, nans.clone())

@@ -96,6 +96,8 @@ def validate(args: argparse.Namespace) -> list[Path]:
     if not args.model.exists():
         raise ValueError(f"--model {args.model}: no such file or folder")
     check_size(args.width, args.height)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: no CUDA device is available here (use --device cpu)")
     if args.steps < 1 or args.steps > 1000:
         raise ValueError(f"--steps must be in [1, 1000], got {args.steps}")
     if args.num_images < 1:

@@ -36,6 +36,20 @@ def ours(full, vit_h_reference):
 
 
 @pytest.fixture(scope="module")
+def base_images(ours):
+    """The image each prompt gives without an image prompt, made once per prompt."""
+    sd, _ = ours
+    cache = {}
+
+    def image(prompt: str) -> np.ndarray:
+        if prompt not in cache:
+            out = sd(prompt, steps=STEPS, seed=SEED, width=SIZE, height=SIZE, progress=False)[0]
+            cache[prompt] = np.asarray(out).astype(np.int16)
+        return cache[prompt]
+    return image
+
+
+@pytest.fixture(scope="module")
 def reference_images():
     return ref.sample_images()[:2]
 
@@ -66,14 +80,15 @@ CASES = [
 @torch.no_grad()
 @pytest.mark.parametrize("variant,prompt,count,scale", CASES,
                          ids=["base-image-only", "base-text+2-images", "plus-text+per-block", "plus-2-images"])
-def test_matches_diffusers(full, vit_h_reference, adapters, ours, reference_images, variant, prompt, count, scale):
+def test_matches_diffusers(full, vit_h_reference, adapters, ours, base_images, reference_images, variant, prompt, count,
+                           scale):
     sd, encoder = ours
     pipe = IPAdapterPipeline(sd, load_ip_adapter(adapters / FILES[variant]), encoder)
     images = reference_images[:count]
     mine = np.asarray(pipe(prompt, images, scale=scale, steps=STEPS, seed=SEED, width=SIZE, height=SIZE,
                            progress=False)[0]).astype(np.int16)
     theirs = diffusers_images(full, vit_h_reference, adapters, variant, prompt, images, scale)
-    base = np.asarray(sd(prompt, steps=STEPS, seed=SEED, width=SIZE, height=SIZE, progress=False)[0]).astype(np.int16)
+    base = base_images(prompt)
     diff = np.abs(mine - theirs).max()
     print(f"{variant} {prompt!r} {count} image(s) λ={scale}: max pixel difference {diff}/255, "
           f"mean change from the image prompt {np.abs(mine - base).mean():.1f}")

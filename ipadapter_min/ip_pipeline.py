@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from .image_encoder import ImageEncoder, load_image_encoder, preprocess
-from .ip_adapter import IPAdapter, image_prompt_tokens, load_ip_adapter
+from .ip_adapter import IPAdapter, image_prompt_tokens
+from .loading import load_ip_adapter
 from .pipeline import StableDiffusion
 
 

@@ -7,16 +7,21 @@ each key and shape against the model first.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
 
+from weights_convert.ip_adapter import read_ip_adapter
 from weights_convert.sd15 import PARTS, read_sd15
 
+from .ip_adapter import IPAdapter
 
-def assign(model_cls, config, tensors: dict[str, torch.Tensor], device, dtype) -> nn.Module:
+
+def assign(build: Callable[[], nn.Module], tensors: dict[str, torch.Tensor], device, dtype) -> nn.Module:
+    """``build()`` on the meta device, then the tensors (already checked) become its parameters."""
     with torch.device("meta"):
-        model = model_cls(config)
+        model = build()
     state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in tensors.items()}
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)
@@ -29,5 +34,12 @@ def load_sd15(path: str | Path, device: str | torch.device = "cpu", dtype: torch
     for part, (model_cls, _) in PARTS.items():
         prefix = part + "."
         own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        models[part] = assign(model_cls, configs[part], own, device, dtype)
+        models[part] = assign(lambda: model_cls(configs[part]), own, device, dtype)
     return models
+
+
+def load_ip_adapter(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> IPAdapter:
+    """An official IP-Adapter file (.bin or .safetensors) or a converted one; the variant comes
+    from the keys and shapes."""
+    tensors, spec = read_ip_adapter(path)
+    return assign(lambda: IPAdapter(spec), tensors, device, dtype)

@@ -10,13 +10,14 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import ipadapter_min.ip_adapter as ipa
-from reference_models import OFFICIAL_WIDTHS, official_state, projection_shapes, write_official
 from ipadapter_min.attention import attention
 from ipadapter_min.image_projection import VIT_BIGG, VIT_H, detect_variant
-from ipadapter_min.ip_adapter import (LAYERS, IPAdapterLayers, cfg_image_tokens, encode_images, expand_scale,
-                                      load_ip_adapter, to_project_layout)
+from ipadapter_min.ip_adapter import IPAdapterLayers, cfg_image_tokens, encode_images
+from ipadapter_min.ip_layers import LAYERS, expand_scale
+from ipadapter_min.loading import load_ip_adapter
+from reference_models import OFFICIAL_WIDTHS, official_state, projection_shapes, write_official
 from weights_convert.files import CheckpointError, read_metadata
-from weights_convert.ip_adapter import convert_ip_adapter, write_ip_adapter
+from weights_convert.ip_adapter import FORMAT, convert_ip_adapter, to_project_layout, write_ip_adapter
 
 @pytest.fixture(scope="module")
 def states():
@@ -179,7 +180,7 @@ def test_convert_round_trip(states, tmp_path):
     summary = write_ip_adapter(src, out)
     assert "plus" in summary
     meta = read_metadata(out)
-    assert meta["format"] == ipa.FORMAT and meta["variant"] == "plus" and meta["tokens"] == "16"
+    assert meta["format"] == FORMAT and meta["variant"] == "plus" and meta["tokens"] == "16"
     tensors, _ = convert_ip_adapter(src)
     assert set(tensors) == {f"image_proj.{k}" for k in states["plus"]["image_proj"]} | {
         f"ip_layers.{i}.to_{kv}_ip.weight" for i in range(16) for kv in "kv"}

@@ -26,8 +26,8 @@ from hypothesis import strategies as st
 
 from ipadapter_min.attention import attention
 from ipadapter_min.image_projection import VIT_H, AdapterSpec
-from ipadapter_min.ip_adapter import (IPAdapter, IPAdapterLayers, ImagePromptAttention, cfg_image_tokens,
-                                      expand_scale)
+from ipadapter_min.ip_adapter import IPAdapter, IPAdapterLayers, ImagePromptAttention, cfg_image_tokens
+from ipadapter_min.ip_layers import expand_scale
 from ipadapter_min.pipeline import StableDiffusion, cfg_batch
 from ipadapter_min.text_encoder import TextEncoder, TextEncoderConfig
 from ipadapter_min.tokenizer import Tokenizer

@@ -28,7 +28,7 @@ def edit_unet(folder, edit):
 def test_runtime_imports_no_oracle():
     """The runtime package and the converter never import diffusers, transformers or accelerate."""
     code = ("import sys, ipadapter_min.sample, ipadapter_min.pipeline, weights_convert.__main__, kernels; "
-            "import ipadapter_min.image_encoder, ipadapter_min.ip_adapter, ipadapter_min.image_projection; "
+            "import ipadapter_min.ip_pipeline, weights_convert.image_encoder, weights_convert.ip_adapter; "
             "bad = [m for m in ('diffusers', 'transformers', 'accelerate') if m in sys.modules]; "
             "print(bad); sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -27,7 +25,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from weights_convert.files import CheckpointError, read_metadata, read_state_dict
+from weights_convert.files import CheckpointError
 
 FORMAT = "ipadapter_min.image_encoder"
 
@@ -176,27 +174,6 @@ def check_state(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor
         if tuple(state[key].shape) != tuple(ref.shape):
             raise CheckpointError(f"{source}: key {key!r} has shape {tuple(state[key].shape)}, "
                                   f"expected {tuple(ref.shape)} for a {config.name} image encoder")
-
-
-def load_image_encoder(path: str | os.PathLike, device: torch.device | str = "cpu",
-                       dtype: torch.dtype = torch.float32) -> ImageEncoder:
-    """Load an image encoder from a transformers CLIPVisionModelWithProjection folder (or its
-    weights file), or from the project's converted ``.safetensors`` file. ViT-H/14 and
-    ViT-bigG/14 (and any other plain CLIP ViT) are told apart by config.json or by shapes."""
-    path = Path(path)
-    if path.is_file() and read_metadata(path).get("format") == FORMAT:
-        metadata = read_metadata(path)
-        try:
-            config = ImageEncoderConfig.from_json(metadata["config"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"{path}: bad 'config' metadata ({exc})") from None
-        return ImageEncoder.from_state_dict(config, read_state_dict(path), source=str(path), device=device, dtype=dtype)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file or folder")
-    from weights_convert.image_encoder import read_transformers_image_encoder
-
-    state, config = read_transformers_image_encoder(path)
-    return ImageEncoder.from_state_dict(config, state, source=str(path), device=device, dtype=dtype)
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,9 +11,9 @@ from typing import Sequence
 import torch
 from PIL import Image
 
-from .image_encoder import ImageEncoder, load_image_encoder, preprocess
+from .image_encoder import ImageEncoder, preprocess
 from .ip_adapter import IPAdapter, image_prompt_tokens
-from .loading import load_ip_adapter
+from .loading import load_image_encoder, load_ip_adapter
 from .pipeline import StableDiffusion
 
 

@@ -6,15 +6,20 @@ each key and shape against the model first.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
+from weights_convert.files import CheckpointError, read_metadata, read_state_dict
+from weights_convert.image_encoder import read_transformers_image_encoder
 from weights_convert.ip_adapter import read_ip_adapter
 from weights_convert.sd15 import PARTS, read_sd15
 
+from .image_encoder import FORMAT as IMAGE_ENCODER_FORMAT
+from .image_encoder import ImageEncoder, ImageEncoderConfig
 from .ip_adapter import IPAdapter
 
 
@@ -43,3 +48,22 @@ def load_ip_adapter(path: str | Path, device: str | torch.device = "cpu", dtype:
     from the keys and shapes."""
     tensors, spec = read_ip_adapter(path)
     return assign(lambda: IPAdapter(spec), tensors, device, dtype)
+
+
+def load_image_encoder(path: str | os.PathLike, device: torch.device | str = "cpu",
+                       dtype: torch.dtype = torch.float32) -> ImageEncoder:
+    """Load an image encoder from a transformers CLIPVisionModelWithProjection folder (or its
+    weights file), or from the project's converted ``.safetensors`` file. ViT-H/14 and
+    ViT-bigG/14 (and any other plain CLIP ViT) are told apart by config.json or by shapes."""
+    path = Path(path)
+    if path.is_file() and read_metadata(path).get("format") == IMAGE_ENCODER_FORMAT:
+        metadata = read_metadata(path)
+        try:
+            config = ImageEncoderConfig.from_json(metadata["config"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{path}: bad 'config' metadata ({exc})") from None
+        return ImageEncoder.from_state_dict(config, read_state_dict(path), source=str(path), device=device, dtype=dtype)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder")
+    state, config = read_transformers_image_encoder(path)
+    return ImageEncoder.from_state_dict(config, state, source=str(path), device=device, dtype=dtype)

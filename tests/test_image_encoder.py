@@ -26,9 +26,9 @@ from ipadapter_min.image_encoder import (  # noqa: E402
     FORMAT,
     ImageEncoder,
     ImageEncoderConfig,
-    load_image_encoder,
     preprocess,
 )
+from ipadapter_min.loading import load_image_encoder
 from reference_models import hf_config, random_hf_model, sample_images  # noqa: E402
 from weights_convert.files import CheckpointError, read_metadata  # noqa: E402
 from weights_convert.image_encoder import (  # noqa: E402

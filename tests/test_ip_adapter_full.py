@@ -10,9 +10,8 @@ import torch
 
 import reference_models as ref
 from ipadapter_min import sample
-from ipadapter_min.image_encoder import load_image_encoder
 from ipadapter_min.ip_pipeline import IPAdapterPipeline
-from ipadapter_min.loading import load_ip_adapter, load_sd15
+from ipadapter_min.loading import load_image_encoder, load_ip_adapter, load_sd15
 from ipadapter_min.pipeline import StableDiffusion
 
 SIZE, STEPS, SEED = 128, 3, 7

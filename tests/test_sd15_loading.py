@@ -199,3 +199,23 @@ def test_sample_refuses_adapter_with_the_wrong_encoder(tiny, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "needs a ViT-H/14 image encoder" in err and err.count("\n") == 1
     assert not (tmp_path / "o.png").exists()
+
+
+def test_loading_runs_no_random_initialisation(tiny, monkeypatch):
+    """Models are built on the meta device: no parameter is ever initialised on a real device."""
+    real_init = []
+
+    def spy(name, original):
+        def wrapped(tensor, *args, **kwargs):
+            if tensor.device.type != "meta":
+                real_init.append(name)
+            return original(tensor, *args, **kwargs)
+        return wrapped
+
+    for name in ("uniform_", "normal_", "kaiming_uniform_", "zeros_", "ones_"):
+        monkeypatch.setattr(torch.nn.init, name, spy(name, getattr(torch.nn.init, name)))
+    load_sd15(tiny.folder)
+    assert real_init == []
+    with torch.device("cpu"):  # the spy does see a real initialisation
+        torch.nn.Linear(2, 2)
+    assert real_init

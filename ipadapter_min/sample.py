@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 from PIL import Image, PngImagePlugin
 
-from weights_convert.files import CheckpointError
+from weights_convert.files import CheckpointError, write_atomically
 
+from .ip_layers import expand_scale
 from .ip_pipeline import IPAdapterPipeline
 from .pipeline import StableDiffusion, check_size
 
@@ -112,6 +111,9 @@ def validate(args: argparse.Namespace) -> list[Path]:
     for image in args.image or []:
         if not image.is_file():
             raise ValueError(f"--image {image}: no such file")
+    expand_scale(args.scale)  # a bad per-block --scale fails now, not after loading
+    if not 0 <= args.clip_skip < 12:
+        raise ValueError(f"--clip-skip must be in [0, 11], got {args.clip_skip}")
     paths = output_paths(args.out, args.num_images)
     existing = [p for p in paths if p.exists()]
     if existing and not args.force:
@@ -131,18 +133,11 @@ def generation_parameters(args: argparse.Namespace, index: int) -> str:
     return "\n".join(f"{k}: {v}" for k, v in fields.items())
 
 
-def save_png(image, path: Path, parameters: str) -> None:
+def save_png(image, path: Path, parameters: str, overwrite: bool) -> None:
     """Write atomically: a crash leaves either the old file or the whole new one."""
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", parameters)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        image.save(tmp, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    write_atomically(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info), overwrite)
 
 
 def open_image(path: Path) -> Image.Image:
@@ -175,9 +170,9 @@ def main(argv: list[str] | None = None) -> int:
         except CheckpointError as exc:
             raise ValueError(str(exc)) from None
         for i, (image, path) in enumerate(zip(images, paths)):
-            save_png(image, path, generation_parameters(args, i))
+            save_png(image, path, generation_parameters(args, i), args.force)
             print(f"wrote {path}")
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, RuntimeError) as exc:
         print(f"error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
         return 2
     return 0

@@ -219,3 +219,8 @@ def test_loading_runs_no_random_initialisation(tiny, monkeypatch):
     with torch.device("cpu"):  # the spy does see a real initialisation
         torch.nn.Linear(2, 2)
     assert real_init
+
+
+def test_sample_checks_a_per_block_scale_before_loading(tmp_path, capsys):
+    assert sample.main(["--model", str(tmp_path), "--scale", '{"up": {"block_0": 1.0}}']) == 2
+    assert "'up.block_0' is not an SD1.5 block with attention layers" in capsys.readouterr().err

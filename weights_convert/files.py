@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import safe_open
@@ -75,10 +76,9 @@ def _flatten(tree: dict, path: Path, prefix: str = "") -> dict[str, torch.Tensor
     return flat
 
 
-def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str],
-                     overwrite: bool = False) -> None:
-    """Write ``tensors`` to ``path`` atomically: a crash never leaves a half-written file behind,
-    and an existing file is replaced only when ``overwrite`` is set."""
+def write_atomically(path: str | os.PathLike, write: Callable[[str], None], overwrite: bool = False) -> None:
+    """``write(tmp)`` into a temporary file beside ``path``, then rename it into place: a crash
+    never leaves a half-written file, and an existing file is replaced only when asked."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists (pass --force to overwrite it)")
@@ -86,8 +86,15 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, 
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str],
+                     overwrite: bool = False) -> None:
+    """Write ``tensors`` to ``path`` atomically, refusing to replace an existing file unless ``overwrite``."""
+    contiguous = {k: v.contiguous() for k, v in tensors.items()}
+    write_atomically(path, lambda tmp: save_file(contiguous, tmp, metadata=metadata), overwrite)

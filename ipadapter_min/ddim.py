@@ -27,10 +27,15 @@ class DDIM:
         # set_alpha_to_one=False: the step past t=0 uses ᾱ_0 rather than 1.
         self.final_alpha_cumprod = self.alphas_cumprod[0]
 
+    @property
+    def max_steps(self) -> int:
+        """With steps_offset 1, 1000 steps would visit t = 1000, past the schedule's end."""
+        return self.cfg.train_steps - self.cfg.steps_offset
+
     def timesteps(self, steps: int) -> list[int]:
         """The ``steps`` timesteps to visit, from noisiest to cleanest ("leading" spacing)."""
-        if not 1 <= steps <= self.cfg.train_steps:
-            raise ValueError(f"steps must be in [1, {self.cfg.train_steps}], got {steps}")
+        if not 1 <= steps <= self.max_steps:
+            raise ValueError(f"steps must be in [1, {self.max_steps}], got {steps}")
         ratio = self.cfg.train_steps // steps
         return [i * ratio + self.cfg.steps_offset for i in reversed(range(steps))]
 

@@ -150,7 +150,10 @@ def encode_images(encoder: Callable, pixels: torch.Tensor, spec: AdapterSpec,
     def run(x: torch.Tensor) -> torch.Tensor:
         if where is not None:
             x = x.to(device=where[0], dtype=where[1])
-        out = encoder(x)[1 if spec.uses_hidden_states else 0]
+        if spec.uses_hidden_states:  # ImageEncoder.penultimate skips the unused last layer
+            out = encoder.penultimate(x) if hasattr(encoder, "penultimate") else encoder(x)[1]
+        else:
+            out = encoder(x)[0]
         if out.shape[-1] != spec.feature_dim:
             raise ValueError(f"the {spec.variant} adapter needs {spec.encoder} {spec.encoder_output} of width "
                              f"{spec.feature_dim}, the encoder gave width {out.shape[-1]}")

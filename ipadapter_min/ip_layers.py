@@ -19,7 +19,6 @@ import torch
 
 BLOCK_OUT_CHANNELS = (320, 640, 1280, 1280)
 LAYERS_PER_BLOCK = 2  # resnet (+ attention) pairs per down block; up blocks have one more
-HEADS = 8
 
 
 @dataclass(frozen=True)
@@ -145,7 +144,7 @@ def _expand_block_dict(scale: Mapping, strict: bool) -> tuple[float, ...]:
                 valid = ", ".join(f"block_{b}" for b in blocks)
                 raise ValueError(
                     f"'{updown}.{name}' is not an SD1.5 block with attention layers (those are {valid}); "
-                    f"diffusers ignores such entries silently, pass strict=False to do the same")
+                    f"diffusers silently ignores such entries (the Python API's strict=False does too)")
         for b, layers in blocks.items():
             v = named.get(b, 0.0)
             values = _listlike(v)

@@ -56,8 +56,8 @@ def load_image_encoder(path: str | os.PathLike, device: torch.device | str = "cp
     weights file), or from the project's converted ``.safetensors`` file. ViT-H/14 and
     ViT-bigG/14 (and any other plain CLIP ViT) are told apart by config.json or by shapes."""
     path = Path(path)
-    if path.is_file() and read_metadata(path).get("format") == IMAGE_ENCODER_FORMAT:
-        metadata = read_metadata(path)
+    metadata = read_metadata(path) if path.is_file() else {}
+    if metadata.get("format") == IMAGE_ENCODER_FORMAT:
         try:
             config = ImageEncoderConfig.from_json(metadata["config"])
         except (KeyError, TypeError, ValueError) as exc:

@@ -34,8 +34,9 @@ def initial_noise(seed: int, count: int, height: int, width: int) -> torch.Tenso
 
 
 def to_images(pixels: torch.Tensor) -> list[Image.Image]:
-    """VAE output in [-1, 1] → 8-bit RGB images."""
-    array = ((pixels.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+    """VAE output in [-1, 1] → 8-bit RGB images (rescaled in the model's dtype, then rounded in
+    float32, in diffusers' order, so fp16/bf16 images match the reference's too)."""
+    array = ((pixels / 2 + 0.5).clamp(0, 1).float() * 255).round().to(torch.uint8)
     return [Image.fromarray(np.ascontiguousarray(a)) for a in array.permute(0, 2, 3, 1).cpu().numpy()]
 
 
@@ -93,7 +94,8 @@ class StableDiffusion:
         A ``hook`` must hold its image tokens in the same batch order as :func:`cfg_batch`."""
         check_size(width, height)
         cond = self.encode_prompt(prompt, clip_skip)
-        uncond = self.encode_prompt(negative_prompt, clip_skip) if guidance > 1 else None
+        # As in diffusers, clip_skip shapes the prompt's embedding only, not the negative prompt's.
+        uncond = self.encode_prompt(negative_prompt) if guidance > 1 else None
         context = cfg_batch(cond, uncond, num_images)
         latents = initial_noise(seed, num_images, height, width).to(self.device, self.dtype)
         latents = self.denoise(latents, context, steps, guidance, hook, progress)

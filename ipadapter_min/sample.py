@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 from PIL import Image, PngImagePlugin
 
-from weights_convert.files import CheckpointError, write_atomically
+from weights_convert.files import write_atomically
 
+from .ddim import DDIM
 from .ip_layers import expand_scale
 from .ip_pipeline import IPAdapterPipeline
 from .pipeline import StableDiffusion, check_size
@@ -57,12 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "(ip-adapter_sd15, _light, -plus, -plus-face, -full-face, _vit-G) or a converted file")
     ip.add_argument("--image-encoder", type=Path, help="CLIP image encoder: the release's image_encoder folder "
                     "(config.json + model.safetensors; ViT-H/14, or ViT-bigG/14 for the vit-G adapter) or a converted file")
-    ip.add_argument("--image", type=Path, nargs="+", metavar="FILE", help="reference image(s); several are "
-                    "combined by --image-combine")
-    ip.add_argument("--scale", type=parse_scale, default=1.0, help="λ: a number, or a JSON dict of per-block values "
+    ip.add_argument("--image", type=Path, nargs="+", action="extend", metavar="FILE",
+                    help="reference image(s); several are combined by --image-combine")
+    ip.add_argument("--scale", type=parse_scale, help="λ: a number, or a JSON dict of per-block values "
                     "as diffusers' set_ip_adapter_scale takes, e.g. '{\"down\": {\"block_2\": [0.0, 1.0]}}' "
-                    "(blocks not named get 0)")
-    ip.add_argument("--image-combine", choices=["concat", "average"], default="concat",
+                    "(blocks not named get 0); default 1.0")
+    ip.add_argument("--image-combine", choices=["concat", "average"],
                     help="several reference images: concatenate their tokens (as diffusers) or average their embeddings")
     ip.add_argument("--no-crop", action="store_true", help="resize reference images to 224×224 whole instead of "
                     "CLIPImageProcessor's shortest-side resize and center crop")
@@ -97,11 +98,15 @@ def validate(args: argparse.Namespace) -> list[Path]:
     check_size(args.width, args.height)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: no CUDA device is available here (use --device cpu)")
-    if args.steps < 1 or args.steps > 1000:
-        raise ValueError(f"--steps must be in [1, 1000], got {args.steps}")
+    if not 1 <= args.steps <= DDIM().max_steps:
+        raise ValueError(f"--steps must be in [1, {DDIM().max_steps}], got {args.steps}")
     if args.num_images < 1:
         raise ValueError(f"--num-images must be at least 1, got {args.num_images}")
     given = [name for name in ("ip_adapter", "image_encoder", "image") if getattr(args, name)]
+    options = [flag for flag, value in (("--scale", args.scale), ("--image-combine", args.image_combine),
+                                        ("--no-crop", args.no_crop)) if value not in (None, False)]
+    if options and not given:
+        raise ValueError(f"{options[0]} applies to an image prompt: give --ip-adapter, --image-encoder and --image")
     if given and len(given) < 3:
         missing = sorted({"ip_adapter", "image_encoder", "image"} - set(given))
         raise ValueError("an image prompt needs " + ", ".join("--" + m.replace("_", "-") for m in missing) + " too")
@@ -111,6 +116,8 @@ def validate(args: argparse.Namespace) -> list[Path]:
     for image in args.image or []:
         if not image.is_file():
             raise ValueError(f"--image {image}: no such file")
+    args.scale = 1.0 if args.scale is None else args.scale
+    args.image_combine = args.image_combine or "concat"
     expand_scale(args.scale)  # a bad per-block --scale fails now, not after loading
     if not 0 <= args.clip_skip < 12:
         raise ValueError(f"--clip-skip must be in [0, 11], got {args.clip_skip}")
@@ -159,20 +166,17 @@ def main(argv: list[str] | None = None) -> int:
                           height=args.height, num_images=args.num_images, clip_skip=args.clip_skip,
                           progress=not args.no_progress)
         device, dtype = args.device, DTYPES[args.dtype]
-        try:
-            if args.ip_adapter:
-                pipe = IPAdapterPipeline.from_files(args.model, args.ip_adapter, args.image_encoder, device, dtype)
-                images = pipe(args.prompt, references, scale=args.scale, negative_prompt=args.negative_prompt,
-                              combine=args.image_combine, crop=not args.no_crop, **generation)
-            else:
-                pipe = StableDiffusion.from_file(args.model, device=device, dtype=dtype)
-                images = pipe(args.prompt, args.negative_prompt, **generation)
-        except CheckpointError as exc:
-            raise ValueError(str(exc)) from None
+        if args.ip_adapter:
+            pipe = IPAdapterPipeline.from_files(args.model, args.ip_adapter, args.image_encoder, device, dtype)
+            images = pipe(args.prompt, references, scale=args.scale, negative_prompt=args.negative_prompt,
+                          combine=args.image_combine, crop=not args.no_crop, **generation)
+        else:
+            pipe = StableDiffusion.from_file(args.model, device=device, dtype=dtype)
+            images = pipe(args.prompt, args.negative_prompt, **generation)
         for i, (image, path) in enumerate(zip(images, paths)):
             save_png(image, path, generation_parameters(args, i), args.force)
             print(f"wrote {path}")
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, RuntimeError) as exc:
+    except (ValueError, TypeError, OSError, RuntimeError) as exc:  # CheckpointError is a ValueError
         print(f"error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
         return 2
     return 0

@@ -150,20 +150,26 @@ class Upsample(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    def forward(self, x: torch.Tensor, size: torch.Size | None = None) -> torch.Tensor:
+        """×2, or to ``size``: the UNet passes the next skip connection's size, so latents whose
+        sides are not multiples of 8 (images not multiples of 64) come back to their own size."""
+        if size is None:
+            return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv(F.interpolate(x, size=size, mode="nearest"))
 
 
 class Step(nn.ModuleList):
     """One entry of input_blocks/middle_block/output_blocks: layers applied in order."""
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor,
-                hook: CrossAttentionHook | None) -> torch.Tensor:
+                hook: CrossAttentionHook | None, upsample_size: torch.Size | None = None) -> torch.Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
                 x = layer(x, context, hook)
+            elif isinstance(layer, Upsample):
+                x = layer(x, upsample_size)
             else:
                 x = layer(x)
         return x
@@ -230,5 +236,6 @@ class UNet(nn.Module):
             skips.append(x)
         x = self.middle_block(x, emb, context, hook)
         for step in self.output_blocks:
-            x = step(torch.cat([x, skips.pop()], dim=1), emb, context, hook)
+            x = torch.cat([x, skips.pop()], dim=1)
+            x = step(x, emb, context, hook, skips[-1].shape[-2:] if skips else None)
         return self.out(x)

@@ -79,6 +79,8 @@ def _fused_kernel_applies(q, k_text, v_text, k_image, v_image, scale) -> bool:
         return False
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return False
+    if q.dtype == torch.bfloat16 and torch.cuda.get_device_capability(q.device) < (8, 0):
+        return False  # bf16 tensor-core dots need Ampere or newer
     if torch.is_grad_enabled() and any(t.requires_grad for t in ts_grad):
         return False  # the kernel has no backward; training goes through SDPA
     B, H, _, D = q.shape

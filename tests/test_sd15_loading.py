@@ -1,5 +1,6 @@
 """Loading and converting SD1.5 checkpoints: formats, refusals, and the command-line errors."""
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -82,13 +83,21 @@ def test_other_model_families_are_refused(tmp_path, key, what):
 
 
 @pytest.mark.parametrize("change,what", [({"cross_attention_dim": 1024}, "Stable Diffusion 2"),
-                                         ({"addition_embed_type": "text_time"}, "SDXL")])
+                                         ({"addition_embed_type": "text_time"}, "SDXL"),
+                                         ({"in_channels": 9}, "inpainting"),
+                                         ({"block_out_channels": None}, "not a usable SD1.x config")])
 def test_other_diffusers_folders_are_refused(tiny, tmp_path, change, what):
     folder = copy_folder(tiny, tmp_path)
     config = folder / "unet" / "config.json"
     config.write_text(json.dumps({**json.loads(config.read_text()), **change}))
     with pytest.raises(CheckpointError, match=what):
         load_sd15(folder)
+
+
+def test_legacy_pickle_format_loads(tmp_path):
+    path = tmp_path / "old.ckpt"
+    torch.save({"state_dict": {"x": torch.ones(2)}}, path, _use_new_zipfile_serialization=False)
+    assert torch.equal(read_state_dict(path)["x"], torch.ones(2))
 
 
 def test_pickle_with_code_is_refused(tmp_path):
@@ -120,6 +129,12 @@ def test_convert_refuses_to_overwrite_and_roundtrips(tiny, tmp_path, capsys):
     assert all(torch.equal(converted[k], original[k].half().float()) for k in original)
     assert convert_main(["sd15", str(tiny.folder), "-o", str(out), "--force"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.safetensors"]  # no temporary files left
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # an ordinary file, not a private temporary one
+    (tmp_path / "folder.safetensors").mkdir()
+    assert convert_main(["sd15", str(tiny.folder), "-o", str(tmp_path / "folder.safetensors"), "--force"]) == 2
+    assert "is not a file" in capsys.readouterr().err
 
 
 def test_convert_reports_bad_source(tmp_path, capsys):
@@ -172,6 +187,9 @@ def test_sample_help_explains_flags():
     (["--ip-adapter", "{d}/missing.bin", "--image-encoder", "{d}", "--image", "{d}/r.png"], "--ip-adapter"),
     (["--ip-adapter", "{d}/a.bin", "--image-encoder", "{d}", "--image", "{d}/none.png"], "--image"),
     (["--scale", "lots"], "expected a number or a JSON dict"),
+    (["--scale", "0.5"], "--scale applies to an image prompt"),
+    (["--no-crop"], "--no-crop applies to an image prompt"),
+    (["--steps", "1000"], "--steps must be in [1, 999]"),
 ])
 def test_sample_rejects_bad_image_prompt_arguments(tiny, tmp_path, capsys, extra, message):
     (tmp_path / "a.bin").write_bytes(b"x")
@@ -222,5 +240,13 @@ def test_loading_runs_no_random_initialisation(tiny, monkeypatch):
 
 
 def test_sample_checks_a_per_block_scale_before_loading(tmp_path, capsys):
-    assert sample.main(["--model", str(tmp_path), "--scale", '{"up": {"block_0": 1.0}}']) == 2
+    for name in ("a.bin", "r.png"):
+        (tmp_path / name).write_bytes(b"x")  # never read: the scale is refused first
+    assert sample.main(["--model", str(tmp_path), "--ip-adapter", str(tmp_path / "a.bin"), "--image-encoder",
+                        str(tmp_path), "--image", str(tmp_path / "r.png"), "--scale", '{"up": {"block_0": 1.0}}']) == 2
     assert "'up.block_0' is not an SD1.5 block with attention layers" in capsys.readouterr().err
+
+
+def test_repeated_image_flags_add_up():
+    args = sample.build_parser().parse_args(["--model", "m", "--image", "a.png", "b.png", "--image", "c.png"])
+    assert [p.name for p in args.image] == ["a.png", "b.png", "c.png"]

@@ -4,6 +4,8 @@ The reference models get random weights, are written as a diffusers folder, and 
 loaded from that folder through the real loader. fp32, CPU. Tolerance: 1e-5 max abs here
 (small models accumulate little rounding); the full-size tests state theirs.
 """
+import types
+
 import numpy as np
 import pytest
 import torch
@@ -12,7 +14,7 @@ from PIL import Image
 import reference_models as ref
 from ipadapter_min.ddim import DDIM
 from ipadapter_min.loading import load_sd15
-from ipadapter_min.pipeline import StableDiffusion
+from ipadapter_min.pipeline import StableDiffusion, to_images
 
 TOL = 1e-5
 
@@ -36,6 +38,9 @@ def test_unet_matches_diffusers(tiny, ours):
         expected = tiny.unet(x, t, encoder_hidden_states=context).sample
         assert max_diff(ours["unet"](x, t, context), expected) <= TOL
         assert expected.std() > 0.1  # not a degenerate comparison
+    odd = torch.randn(2, 4, 9, 7, generator=g)  # sides that do not halve evenly (images of 72×56)
+    expected = tiny.unet(odd, torch.tensor(500), encoder_hidden_states=context).sample
+    assert max_diff(ours["unet"](odd, torch.tensor(500), context), expected) <= TOL
 
 
 @torch.no_grad()
@@ -82,29 +87,43 @@ def test_ddim_steps_match_diffusers(steps):
         x = expected
 
 
-def test_ddim_rejects_bad_step_count():
-    with pytest.raises(ValueError, match="steps must be in"):
-        DDIM().timesteps(0)
+@pytest.mark.parametrize("steps", [0, 1000])
+def test_ddim_rejects_bad_step_count(steps):
+    with pytest.raises(ValueError, match=r"steps must be in \[1, 999\]"):
+        DDIM().timesteps(steps)
 
 
-def pixels(images) -> torch.Tensor:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_images_are_rounded_as_diffusers_rounds_them(dtype):
+    from diffusers.image_processor import VaeImageProcessor
+    pixels = (torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(4)) * 0.7).to(dtype)
+    expected = VaeImageProcessor().postprocess(pixels, output_type="pil")
+    assert pixels_of(to_images(pixels)).equal(pixels_of(expected))
+
+
+def pixels_of(images) -> torch.Tensor:
     return torch.stack([torch.from_numpy(np.array(im)).int() for im in images])
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("guidance,negative", [(7.5, ""), (5.0, "blurry"), (1.0, "")])
-def test_pipeline_matches_diffusers(tiny, ours, guidance, negative):
+@pytest.mark.parametrize("guidance,negative,clip_skip", [(7.5, "", 0), (5.0, "blurry", 1), (1.0, "", 0)])
+def test_pipeline_matches_diffusers(tiny, ours, guidance, negative, clip_skip, monkeypatch):
+    # diffusers 0.42's clip_skip path reaches for transformers 4's `text_model` wrapper, which
+    # transformers 5 removed; point it at the same final LayerNorm.
+    monkeypatch.setattr(tiny.text_encoder, "text_model", types.SimpleNamespace(
+        final_layer_norm=tiny.text_encoder.final_layer_norm), raising=False)
     kwargs = dict(steps=4, guidance=guidance, seed=42, width=64, height=48, num_images=2)
     mine = StableDiffusion(ours["unet"], ours["vae"], ours["text_encoder"])(
-        "a red bicycle", negative, progress=False, **kwargs)
+        "a red bicycle", negative, clip_skip=clip_skip, progress=False, **kwargs)
     pipe = ref.diffusers_pipeline(tiny.unet, tiny.vae, tiny.text_encoder, tiny.tokenizer)
     pipe.set_progress_bar_config(disable=True)
     theirs = pipe("a red bicycle", negative_prompt=negative, num_inference_steps=4, guidance_scale=guidance,
-                  width=64, height=48, num_images_per_prompt=2, generator=torch.Generator("cpu").manual_seed(42)).images
+                  width=64, height=48, num_images_per_prompt=2, clip_skip=clip_skip or None,
+                  generator=torch.Generator("cpu").manual_seed(42)).images
     assert all(isinstance(im, Image.Image) and im.size == (64, 48) for im in mine)
-    diff = (pixels(mine) - pixels(theirs)).abs().max().item()
+    diff = (pixels_of(mine) - pixels_of(theirs)).abs().max().item()
     assert diff <= 2, f"max pixel difference {diff}/255"
-    assert pixels(mine).float().std() > 5  # the images are not flat
+    assert pixels_of(mine).float().std() > 5  # the images are not flat
 
 
 @torch.no_grad()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .files import CheckpointError, save_safetensors
+from .files import save_safetensors
 from .image_encoder import write_image_encoder
 from .ip_adapter import write_ip_adapter
 from .sd15 import read_sd15, sd15_metadata
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.out.exists() and not args.force:
             raise FileExistsError(f"{args.out} already exists (pass --force to overwrite it)")
         print(write(args.src, args.out, args.force, **extra))
-    except (CheckpointError, ValueError, FileExistsError) as exc:
+    except (ValueError, OSError) as exc:  # CheckpointError is a ValueError
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Callable
 
@@ -38,7 +39,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
     if path.suffix in PICKLE_SUFFIXES:
         try:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+            # mmap needs the zip format; older (legacy) pickles load without it.
+            obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
         except Exception as exc:
             raise CheckpointError(
                 f"{path}: not a checkpoint that loads with torch.load(weights_only=True) ({type(exc).__name__}: "
@@ -82,11 +84,16 @@ def write_atomically(path: str | os.PathLike, write: Callable[[str], None], over
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists (pass --force to overwrite it)")
+    if path.exists() and not path.is_file():
+        raise FileExistsError(f"{path} exists and is not a file")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; outputs are ordinary files
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

@@ -130,14 +130,28 @@ def refuse_other_diffusers(unet_config: dict, folder: Path) -> None:
 
 def read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        value = json.loads(path.read_text())
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing (a diffusers folder has unet/, vae/ and text_encoder/ with config.json)") from None
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, found {type(value).__name__}")
+    return value
+
+
+def config_from(convert, config: dict, path: Path):
+    """A diffusers config.json → our dataclass, with a one-line error for a malformed one."""
+    try:
+        return convert(config)
+    except (KeyError, TypeError, ValueError, IndexError, ZeroDivisionError) as exc:
+        raise CheckpointError(f"{path}: not a usable SD1.x config ({type(exc).__name__}: {exc})") from None
 
 
 def unet_config_from_diffusers(c: dict) -> UNetConfig:
+    if (c.get("in_channels", 4), c.get("out_channels", 4)) != (4, 4):
+        raise ValueError(f"in/out channels {c.get('in_channels')}/{c.get('out_channels')}, expected 4/4 "
+                         "(inpainting and other variants are not supported)")
     widths = c["block_out_channels"]
     heads = c.get("attention_head_dim", 8)  # SD1.x stores the number of heads under this name
     if not isinstance(heads, int):
@@ -157,9 +171,9 @@ def vae_config_from_diffusers(c: dict) -> VAEConfig:
                      scaling_factor=c.get("scaling_factor", 0.18215))
 
 
-def text_config_from_diffusers(c: dict, path: Path) -> TextEncoderConfig:
+def text_config_from_diffusers(c: dict) -> TextEncoderConfig:
     if c.get("hidden_act", "quick_gelu") != "quick_gelu":
-        raise CheckpointError(f"{path}: hidden_act {c['hidden_act']!r}, expected 'quick_gelu' (CLIP ViT-L/14 of SD1.x)")
+        raise ValueError(f"hidden_act {c['hidden_act']!r}, expected 'quick_gelu' (CLIP ViT-L/14 of SD1.x)")
     return TextEncoderConfig(vocab_size=c["vocab_size"], max_positions=c["max_position_embeddings"],
                              width=c["hidden_size"], layers=c["num_hidden_layers"], heads=c["num_attention_heads"],
                              mlp_width=c["intermediate_size"], layer_norm_eps=c.get("layer_norm_eps", 1e-5))
@@ -179,10 +193,11 @@ def weights_file(folder: Path, stems: tuple[str, ...]) -> Path:
 def read_diffusers(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, object], dict[str, str]]:
     unet_cfg = read_json(folder / "unet" / "config.json")
     refuse_other_diffusers(unet_cfg, folder)
-    configs = {"unet": unet_config_from_diffusers(unet_cfg),
-               "vae": vae_config_from_diffusers(read_json(folder / "vae" / "config.json")),
-               "text_encoder": text_config_from_diffusers(read_json(folder / "text_encoder" / "config.json"),
-                                                          folder / "text_encoder" / "config.json")}
+    converters = {"unet": unet_config_from_diffusers, "vae": vae_config_from_diffusers,
+                  "text_encoder": text_config_from_diffusers}
+    configs = {part: config_from(convert, unet_cfg if part == "unet" else read_json(folder / part / "config.json"),
+                                 folder / part / "config.json")
+               for part, convert in converters.items()}
     if configs["unet"].context_dim != configs["text_encoder"].width:
         raise CheckpointError(f"{folder}: unet cross_attention_dim {configs['unet'].context_dim} differs from the "
                               f"text encoder's hidden_size {configs['text_encoder'].width}")

@@ -16,9 +16,11 @@ from typing import Mapping
 
 import torch
 
+from .unet import UNetConfig
 
-BLOCK_OUT_CHANNELS = (320, 640, 1280, 1280)
-LAYERS_PER_BLOCK = 2  # resnet (+ attention) pairs per down block; up blocks have one more
+_SD15 = UNetConfig()
+BLOCK_OUT_CHANNELS = tuple(_SD15.channels * m for m in _SD15.channel_mult)
+LAYERS_PER_BLOCK = _SD15.res_blocks  # resnet (+ attention) pairs per down block; up blocks have one more
 
 
 @dataclass(frozen=True)

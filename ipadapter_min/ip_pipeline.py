@@ -49,7 +49,7 @@ class IPAdapterPipeline:
                      combine: str = "concat", crop: bool = True) -> torch.Tensor:
         """Image tokens in the UNet's batch order for ``num_images`` images per prompt.
         Several reference images are concatenated (as the reference does) or averaged."""
-        pixels = preprocess(list(images), crop=crop).to(self.encoder.device, self.encoder.dtype)
+        pixels = preprocess(list(images), crop=crop)  # encode_images moves them to the encoder
         return image_prompt_tokens(self.adapter, self.encoder, pixels, batch_size=num_images,
                                    guidance=guidance > 1, combine=combine)
 

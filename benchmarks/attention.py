@@ -158,20 +158,69 @@ TUNE_GRID = [
 ]
 
 
-def tune(q, kt, vt, ki, vi, lam, reps_ms):
-    """Time the fused kernel over TUNE_GRID (image block from the default); best first."""
+def tune(q, kt, vt, ki, vi, lam, timer, grid=TUNE_GRID):
+    """Time the fused kernel over ``grid`` (image block from the default); best first."""
     from kernels.triton_decoupled_attention import KernelConfig, default_config
-    base = default_config(q.shape[-1], kt.shape[2], ki.shape[2])
+    base = default_config(q.shape[-1], kt.shape[2], ki.shape[2], q.dtype)
     results = []
-    for g in TUNE_GRID:
+    for g in grid:
         cfg = KernelConfig(block_n_image=min(base.block_n_image, g["block_n_text"]), **g)
         try:
-            us = time_cuda_us(lambda: fused(q, kt, vt, ki, vi, lam, cfg), reps_ms)
+            us = timer(lambda: fused(q, kt, vt, ki, vi, lam, cfg))
         except Exception as e:  # e.g. out of shared memory / registers for this config
             results.append(dict(config=cfg.__dict__, us=None, error=type(e).__name__))
             continue
         results.append(dict(config=cfg.__dict__, us=us))
     return sorted(results, key=lambda r: math.inf if r["us"] is None else r["us"])
+
+
+IMPLEMENTATIONS = {"fused": fused, "two_sdpa": two_sdpa, "naive": naive}
+
+
+def measure_case(dtype_name, lq, heads, d, li, methods, device, timer, scale, peak=None, layers=1) -> dict:
+    """Time ``methods`` at one shape (which ``layers`` of the UNet have); with "fused" among
+    them, also its speedup over two_sdpa and the largest difference between the two."""
+    q, kt, vt, ki, vi = unet_layout_inputs(lq, heads, d, li, DTYPES[dtype_name], device)
+    nbytes = floor_bytes(lq, heads, d, li, q.element_size())
+    row = dict(dtype=dtype_name, len_q=lq, heads=heads, head_dim=d, image_tokens=li,
+               text_tokens=TEXT_TOKENS, batch=BATCH, layers=layers, floor_bytes=nbytes, results={})
+    for m in methods:
+        us = timer(lambda m=m: IMPLEMENTATIONS[m](q, kt, vt, ki, vi, scale))
+        gbps = nbytes / (us * 1e-6) / 1e9
+        row["results"][m] = dict(us=us, gb_per_s=gbps,
+                                 pct_peak=(100 * gbps / (peak * 1e3)) if peak else "unknown")
+    if "fused" in methods:
+        ref = two_sdpa(q, kt, vt, ki, vi, scale)
+        out = fused(q, kt, vt, ki, vi, scale)
+        row["max_abs_diff_fused_vs_two_sdpa"] = (out.float() - ref.float()).abs().max().item()
+        row["speedup_fused_vs_two_sdpa"] = row["results"]["two_sdpa"]["us"] / row["results"]["fused"]["us"]
+    return row
+
+
+def format_row(row, methods) -> str:
+    cells = []
+    for m in methods:
+        r = row["results"][m]
+        pct = f"{r['pct_peak']:5.1f}%" if r["pct_peak"] != "unknown" else "  n/a "
+        cells.append(f"{r['us']:11.1f} {r['gb_per_s']:6.1f} {pct:>6}")
+    line = (f"{row['dtype']:5} {row['len_q']:5d} {row['head_dim']:4d} {row['image_tokens']:4d} "
+            f"{row['layers']:2d} | " + " | ".join(cells))
+    if "speedup_fused_vs_two_sdpa" in row:
+        line += f" | {row['speedup_fused_vs_two_sdpa']:6.2f}×  {row['max_abs_diff_fused_vs_two_sdpa']:.1e}"
+    return line
+
+
+def per_unet_call(rows, methods) -> list[dict]:
+    """The 16 layers summed (each distinct shape times its layer count), per dtype and image tokens."""
+    totals = []
+    for key in dict.fromkeys((r["dtype"], r["image_tokens"]) for r in rows):
+        sel = [r for r in rows if (r["dtype"], r["image_tokens"]) == key]
+        tot = {m: sum(r["results"][m]["us"] * r["layers"] for r in sel) for m in methods}
+        entry = dict(dtype=key[0], image_tokens=key[1], us_per_unet_call=tot)
+        if "fused" in methods:
+            entry["speedup_fused_vs_two_sdpa"] = tot["two_sdpa"] / tot["fused"]
+        totals.append(entry)
+    return totals
 
 
 # ----------------------------------------------------------------------------- main
@@ -213,13 +262,17 @@ def main(argv=None) -> dict:
     if cuda:
         device_name = torch.cuda.get_device_name()
         peak = peak_bandwidth_tbps(device_name)
+        timer = lambda fn: time_cuda_us(fn, args.rep_ms)  # noqa: E731
     else:
         device_name = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
         peak = None
+        timer = lambda fn: time_cpu_us(fn, args.cpu_reps)  # noqa: E731
     dtype_names = (args.dtypes or ("fp16,bf16" if cuda else "fp32")).split(",")
+    unknown = sorted(set(dtype_names) - set(DTYPES))
+    if unknown:
+        raise SystemExit(f"error: --dtypes: unknown {unknown}; choose among {', '.join(DTYPES)}")
     image_tokens = [int(x) for x in args.image_tokens.split(",")]
     methods = (["fused"] if cuda else []) + ["two_sdpa"] + ([] if args.no_naive else ["naive"])
-    impls = {"fused": fused, "two_sdpa": two_sdpa, "naive": naive}
 
     print(f"device: {device_name}; peak memory bandwidth: "
           f"{f'{peak:.2f} TB/s' if peak else 'unknown'}")
@@ -230,65 +283,31 @@ def main(argv=None) -> dict:
     print(f"torch {torch.__version__}; batch {BATCH} (CFG), text tokens {TEXT_TOKENS}, λ = {args.scale}")
 
     distinct = sorted({(lq, h, d) for _, lq, h, d in SD15_CROSS_ATTENTION_LAYERS}, reverse=True)
-    layers_per_shape = {s: sum(1 for _, lq, h, d in SD15_CROSS_ATTENTION_LAYERS if (lq, h, d) == s)
-                        for s in distinct}
-    rows, tuned = [], []
     header = (f"{'dtype':5} {'Lq':>5} {'d':>4} {'img':>4} {'n':>2} | " +
               " | ".join(f"{m:>8} µs {'GB/s':>6} {'%peak':>6}" for m in methods) +
-              (" | speedup  max|Δ|" if cuda else ""))
+              (" | speedup  max|Δ|" if "fused" in methods else ""))
     print(header)
     print("-" * len(header))
+    rows, tuned = [], []
     t_start = time.perf_counter()
     for dname in dtype_names:
-        dtype = DTYPES[dname]
         for (lq, heads, d) in distinct:
             for li in image_tokens:
-                q, kt, vt, ki, vi = unet_layout_inputs(lq, heads, d, li, dtype, device)
-                nbytes = floor_bytes(lq, heads, d, li, q.element_size())
-                row = dict(dtype=dname, len_q=lq, heads=heads, head_dim=d, image_tokens=li,
-                           text_tokens=TEXT_TOKENS, batch=BATCH, layers=layers_per_shape[(lq, heads, d)],
-                           floor_bytes=nbytes, results={})
-                for m in methods:
-                    fn = (lambda m=m: impls[m](q, kt, vt, ki, vi, args.scale))
-                    us = time_cuda_us(fn, args.rep_ms) if cuda else time_cpu_us(fn, args.cpu_reps)
-                    gbps = nbytes / (us * 1e-6) / 1e9
-                    row["results"][m] = dict(
-                        us=us, gb_per_s=gbps,
-                        pct_peak=(100 * gbps / (peak * 1e3)) if peak else "unknown")
-                if cuda:
-                    ref = two_sdpa(q, kt, vt, ki, vi, args.scale)
-                    out = fused(q, kt, vt, ki, vi, args.scale)
-                    row["max_abs_diff_fused_vs_two_sdpa"] = (out.float() - ref.float()).abs().max().item()
-                    row["speedup_fused_vs_two_sdpa"] = row["results"]["two_sdpa"]["us"] / row["results"]["fused"]["us"]
-                    if args.tune and dname == dtype_names[0]:
-                        best = tune(q, kt, vt, ki, vi, args.scale, max(20, args.rep_ms // 4))
-                        tuned.append(dict(dtype=dname, len_q=lq, head_dim=d, image_tokens=li,
-                                          best=best[:5], n_tried=len(best)))
+                layers = sum(1 for _, *shape in SD15_CROSS_ATTENTION_LAYERS if tuple(shape) == (lq, heads, d))
+                row = measure_case(dname, lq, heads, d, li, methods, device, timer, args.scale, peak, layers)
                 rows.append(row)
-                cells = []
-                for m in methods:
-                    r = row["results"][m]
-                    pct = f"{r['pct_peak']:5.1f}%" if peak else "  n/a "
-                    cells.append(f"{r['us']:11.1f} {r['gb_per_s']:6.1f} {pct:>6}")
-                line = f"{dname:5} {lq:5d} {d:4d} {li:4d} {layers_per_shape[(lq, heads, d)]:2d} | " + " | ".join(cells)
-                if cuda:
-                    line += f" | {row['speedup_fused_vs_two_sdpa']:6.2f}×  {row['max_abs_diff_fused_vs_two_sdpa']:.1e}"
-                print(line, flush=True)
+                print(format_row(row, methods), flush=True)
+                if cuda and args.tune and dname == dtype_names[0]:
+                    inputs = unet_layout_inputs(lq, heads, d, li, DTYPES[dname], device)
+                    best = tune(*inputs, args.scale, lambda fn: time_cuda_us(fn, max(20, args.rep_ms // 4)))
+                    tuned.append(dict(dtype=dname, len_q=lq, head_dim=d, image_tokens=li,
+                                      best=best[:5], n_tried=len(best)))
 
-    # per UNet call: the 16 layers summed (each distinct shape × its layer count)
-    totals = []
-    for dname in dtype_names:
-        for li in image_tokens:
-            sel = [r for r in rows if r["dtype"] == dname and r["image_tokens"] == li]
-            tot = {m: sum(r["results"][m]["us"] * r["layers"] for r in sel) for m in methods}
-            entry = dict(dtype=dname, image_tokens=li, us_per_unet_call=tot)
-            if cuda:
-                entry["speedup_fused_vs_two_sdpa"] = tot["two_sdpa"] / tot["fused"]
-            totals.append(entry)
+    totals = per_unet_call(rows, methods)
     print("\nper UNet call (16 cross-attention layers):")
     for e in totals:
         parts = ", ".join(f"{m} {us / 1e3:.3f} ms" for m, us in e["us_per_unet_call"].items())
-        extra = f", fused speedup {e['speedup_fused_vs_two_sdpa']:.2f}×" if cuda else ""
+        extra = f", fused speedup {e['speedup_fused_vs_two_sdpa']:.2f}×" if "fused" in methods else ""
         print(f"  {e['dtype']} {e['image_tokens']:3d} image tokens: {parts}{extra}")
 
     result = dict(
@@ -304,11 +323,8 @@ def main(argv=None) -> dict:
         wall_s=time.perf_counter() - t_start,
     )
     if cuda:
-        try:
-            import triton
-            result["triton"] = triton.__version__
-        except ImportError:
-            pass
+        import triton
+        result["triton"] = triton.__version__
     slug = re.sub(r"[^a-z0-9]+", "-", ("cpu" if not cuda else device_name).lower()).strip("-")
     out = args.out or Path(__file__).resolve().parent / f"results-{slug}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -67,7 +67,7 @@ def decoupled_attention_triton(q: torch.Tensor, k_text: torch.Tensor, v_text: to
 
 
 def _fused_kernel_applies(q, k_text, v_text, k_image, v_image, scale) -> bool:
-    """CUDA, kernel-supported shapes/dtypes, no gradient needed, triton importable."""
+    """CUDA on sm_80 or newer, kernel-supported shapes/dtypes, no gradient needed, triton importable."""
     ts = (q, k_text, v_text, k_image, v_image)
     if isinstance(scale, torch.Tensor):
         if scale.numel() != 1:
@@ -79,8 +79,8 @@ def _fused_kernel_applies(q, k_text, v_text, k_image, v_image, scale) -> bool:
         return False
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return False
-    if q.dtype == torch.bfloat16 and torch.cuda.get_device_capability(q.device) < (8, 0):
-        return False  # bf16 tensor-core dots need Ampere or newer
+    if torch.cuda.get_device_capability(q.device) < (8, 0):
+        return False  # block sizes compile-checked for sm_80/86/90; older GPUs (T4, V100) use SDPA
     if torch.is_grad_enabled() and any(t.requires_grad for t in ts_grad):
         return False  # the kernel has no backward; training goes through SDPA
     B, H, _, D = q.shape
@@ -116,7 +116,8 @@ def decoupled_attention(q: torch.Tensor, k_text: torch.Tensor, v_text: torch.Ten
         exactly ``F.scaled_dot_product_attention(q, k_text, v_text)`` on every device, so
         no adapter, and λ = 0, give the base model's bits. (A 0-dim tensor λ is not
         inspected — that would sync — and takes the paths below.)
-      * CUDA tensors the kernel supports, with no gradient needed: the fused Triton kernel
+      * CUDA tensors on an sm_80+ GPU (A100, RTX 30xx/40xx, H100, …) that the kernel
+        supports, with no gradient needed: the fused Triton kernel
         (one read of Q, one write of O; the result keeps q's memory layout).
       * anything else — CPU, autograd, unsupported dtype / shape / broadcasting:
         :func:`decoupled_attention_reference`, ``sdpa + scale * sdpa`` in diffusers' order.

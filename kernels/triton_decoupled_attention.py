@@ -152,28 +152,32 @@ def _pow2_at_least_16(n: int) -> int:
     return max(16, triton.next_power_of_2(max(int(n), 1)))
 
 
-def default_config(head_dim: int, len_t: int, len_i: int) -> KernelConfig:
-    """Fixed block sizes per padded head dim.
+# (BLOCK_M, largest key block, num_warps, num_stages) per padded head dim. Half-precision
+# dots run on tensor cores: two fp32 accumulators of BLOCK_M × BLOCK_D are live during the
+# image pass, so the query block shrinks as the head dim grows. fp32 dots are IEEE ("ieee"),
+# which Triton lowers to FMA loops with far more live registers: smaller tiles, one stage.
+# Each entry compiles for sm_80, sm_86 and sm_90 within the arch's shared memory and without
+# register spills (fp32: a word at most); tests/test_kernel.py checks this ahead of time.
+_HALF_CONFIGS = {64: (128, 64, 8, 2), 128: (64, 64, 4, 2), 256: (64, 32, 8, 2)}
+_FP32_CONFIGS = {64: (64, 32, 8, 1), 128: (32, 16, 8, 1), 256: (16, 16, 8, 1)}
 
-    Two fp32 accumulators of BLOCK_M × BLOCK_D are live during the image pass, so the
-    query block shrinks as the head dim grows. Key blocks are as small as the key count
-    allows (≥ 16 for tl.dot): 4 or 16 image tokens use a 16-wide block, not a mostly
-    masked 64-wide one. These are reasoned starting points, not measured optima; re-tune
-    with ``python -m benchmarks.attention --tune`` on a GPU.
+
+def default_config(head_dim: int, len_t: int, len_i: int, dtype: torch.dtype = torch.float16) -> KernelConfig:
+    """Fixed block sizes per dtype and padded head dim (tables above).
+
+    Key blocks are as small as the key count allows (≥ 16 for tl.dot): 4 or 16 image tokens
+    use a 16-wide block, not a mostly masked 64-wide one. These are reasoned and
+    compile-checked, not timed; re-tune with ``python -m benchmarks.attention --tune`` on a GPU.
     """
-    block_d = _pow2_at_least_16(head_dim)
-    if block_d <= 64:
-        block_m, cap_n, warps = 128, 64, 8
-    elif block_d <= 128:
-        block_m, cap_n, warps = 64, 64, 4
-    else:
-        block_m, cap_n, warps = 64, 32, 8
+    block_d = max(64, _pow2_at_least_16(head_dim))
+    table = _FP32_CONFIGS if dtype == torch.float32 else _HALF_CONFIGS
+    block_m, cap_n, warps, stages = table[block_d]
     return KernelConfig(
         block_m=block_m,
         block_n_text=min(cap_n, _pow2_at_least_16(len_t)),
         block_n_image=min(cap_n, _pow2_at_least_16(len_i)),
         num_warps=warps,
-        num_stages=2,
+        num_stages=stages,
     )
 
 
@@ -230,7 +234,7 @@ def decoupled_attention_triton(q, k_text, v_text, k_image, v_image, scale=1.0,
     check_inputs(q, k_text, v_text, k_image, v_image)
     B, H, Lq, D = q.shape
     Lt, Li = k_text.shape[2], k_image.shape[2]
-    cfg = config or default_config(D, Lt, Li)
+    cfg = config or default_config(D, Lt, Li, q.dtype)
 
     # Same memory layout as q: for q = x.view(B, L, H, d).transpose(1, 2) the result is
     # (B, L, H·d)-contiguous underneath.

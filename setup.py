@@ -20,7 +20,8 @@ setup(
         'triton; platform_system == "Linux"',
     ],
     extras_require={
-        # Oracles for parity tests and benchmarks only: the runtime never imports them.
-        "test": ["pytest", "hypothesis", "diffusers", "transformers"],
+        # Oracles for parity tests, and matplotlib for the benchmark's plot: the runtime never
+        # imports them.
+        "test": ["pytest", "hypothesis", "diffusers", "transformers", "matplotlib"],
     },
 )

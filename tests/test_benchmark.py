@@ -4,16 +4,21 @@ import subprocess
 import sys
 
 import torch
+from PIL import Image
 
 
 def test_benchmark_runs_on_cpu(tmp_path):
     out = tmp_path / "results.json"
     result = subprocess.run([sys.executable, "-m", "benchmarks.attention", "--cpu-reps", "1", "--image-tokens", "4",
-                             "--no-naive", "--no-plot", "--out", str(out)], capture_output=True, text=True, timeout=600)
+                             "--no-naive", "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     if not torch.cuda.is_available():
         assert "reference paths only" in result.stdout
-    assert json.loads(out.read_text())
+    cases = json.loads(out.read_text())["cases"]
+    assert [(c["len_q"], c["head_dim"], c["layers"]) for c in cases] == [(4096, 40, 5), (1024, 80, 5), (256, 160, 5),
+                                                                         (64, 160, 1)]
+    with Image.open(out.with_suffix(".png")) as plot:  # matplotlib comes with the [test] extra
+        assert plot.width > 500
 
 
 def test_fused_reporting_runs_without_a_gpu():

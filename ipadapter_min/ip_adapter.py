@@ -17,6 +17,9 @@ from ipadapter_min.image_projection import CONTEXT_DIM, AdapterSpec
 from ipadapter_min.ip_layers import CROSS_ATTENTION_WIDTHS, NUM_LAYERS, expand_scale
 from kernels import decoupled_attention
 
+# (q, k_text, v_text, k_image, v_image, scale) -> out, as kernels.decoupled_attention
+DecoupledAttention = Callable[..., torch.Tensor]
+
 # ----------------------------------------------------------------------------------------------
 # Modules
 
@@ -53,9 +56,10 @@ class IPAdapter(nn.Module):
         """Encoder features for N images → (N, tokens, 768)."""
         return self.image_proj(features)
 
-    def hook(self, tokens: torch.Tensor, scale: object = 1.0, *, strict: bool = True) -> "ImagePromptAttention":
+    def hook(self, tokens: torch.Tensor, scale: object = 1.0, *, strict: bool = True,
+             attention: DecoupledAttention = decoupled_attention) -> "ImagePromptAttention":
         """The cross-attention hook for image ``tokens`` (UNet batch order) at λ ``scale``."""
-        return ImagePromptAttention(self.ip_layers, tokens, scale, strict=strict)
+        return ImagePromptAttention(self.ip_layers, tokens, scale, strict=strict, attention=attention)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -73,6 +77,10 @@ class ImagePromptAttention:
     -0.0 and a zero tensor) calls ``decoupled_attention(q, k, v)`` without image tokens: bit-identical
     to the base model, whatever the tokens hold (NaN included), and the image K/V are never computed.
 
+    ``attention`` computes the two-softmax sum: ``kernels.decoupled_attention`` (the fused kernel
+    on CUDA) by default, or ``kernels.decoupled_attention_reference`` for diffusers' exact op
+    order (two SDPA calls, a scale, an add) when comparing with the reference on a GPU.
+
     Where later features go (all inside this class; the UNet stays as it is):
     - start/end step: the sampler sets the current step on the hook (e.g. ``hook.step = i``) and
       ``__call__`` treats λ as 0 outside the range — the same no-image-tokens path.
@@ -83,7 +91,8 @@ class ImagePromptAttention:
       (q length → latent h·w at this layer) before adding, as diffusers does with ip_adapter_masks.
     """
 
-    def __init__(self, layers: IPAdapterLayers, tokens: torch.Tensor, scale: object = 1.0, *, strict: bool = True):
+    def __init__(self, layers: IPAdapterLayers, tokens: torch.Tensor, scale: object = 1.0, *, strict: bool = True,
+                 attention: DecoupledAttention = decoupled_attention):
         if tokens.ndim != 3 or tokens.shape[-1] != layers.context_dim:
             raise ValueError(f"image tokens must be (batch, tokens, {layers.context_dim}), got {list(tokens.shape)}")
         if len(layers) != NUM_LAYERS:
@@ -91,6 +100,7 @@ class ImagePromptAttention:
         self.layers = layers
         self.tokens = tokens
         self.scales = expand_scale(scale, strict=strict)
+        self.attention = attention
         self._kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def set_scale(self, scale: object, *, strict: bool = True) -> None:
@@ -120,7 +130,7 @@ class ImagePromptAttention:
         if k_img.shape[0] != q.shape[0]:
             raise ValueError(f"image tokens have batch {k_img.shape[0]} but cross-attention layer {layer} has batch "
                              f"{q.shape[0]}: build the tokens in the UNet's batch order (cfg_image_tokens)")
-        return decoupled_attention(q, k, v, k_img, v_img, scale)
+        return self.attention(q, k, v, k_img, v_img, scale)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -11,6 +11,8 @@ from typing import Sequence
 import torch
 from PIL import Image
 
+from kernels import decoupled_attention, decoupled_attention_reference
+
 from .image_encoder import ImageEncoder, preprocess
 from .ip_adapter import IPAdapter, image_prompt_tokens
 from .loading import load_image_encoder, load_ip_adapter
@@ -55,12 +57,15 @@ class IPAdapterPipeline:
 
     def __call__(self, prompt: str, images: Sequence[Image.Image], scale: object = 1.0, negative_prompt: str = "",
                  guidance: float = 7.5, num_images: int = 1, combine: str = "concat", crop: bool = True,
-                 **generation) -> list[Image.Image]:
+                 reference_attention: bool = False, **generation) -> list[Image.Image]:
         """``scale`` (λ) weighs the image against the text: 1.0 follows the image closely, about
         0.5 balances image and prompt, 0 ignores the image (the base model's exact output).
-        It may also be 16 per-layer values or a per-block dict ({"down": {"block_2": [0, 1]}})."""
+        It may also be 16 per-layer values or a per-block dict ({"down": {"block_2": [0, 1]}}).
+        ``reference_attention`` computes decoupled attention as diffusers does (two SDPA calls)
+        instead of with the fused kernel on CUDA: slower, for comparing with the reference."""
         if not images:
             raise ValueError("at least one reference image is needed")
         tokens = self.image_tokens(images, guidance, num_images, combine, crop)
+        attention = decoupled_attention_reference if reference_attention else decoupled_attention
         return self.sd(prompt, negative_prompt, guidance=guidance, num_images=num_images,
-                       hook=self.adapter.hook(tokens, scale), **generation)
+                       hook=self.adapter.hook(tokens, scale, attention=attention), **generation)

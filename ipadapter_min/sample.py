@@ -67,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="several reference images: concatenate their tokens (as diffusers) or average their embeddings")
     ip.add_argument("--no-crop", action="store_true", help="resize reference images to 224×224 whole instead of "
                     "CLIPImageProcessor's shortest-side resize and center crop")
+    ip.add_argument("--reference-attention", action="store_true",
+                    help="on CUDA, compute decoupled attention as diffusers does (two SDPA calls, a scale and an "
+                    "add) instead of with the fused Triton kernel: slower, for comparing images with the "
+                    "reference (the CPU always computes it this way)")
     return p
 
 
@@ -104,7 +108,8 @@ def validate(args: argparse.Namespace) -> list[Path]:
         raise ValueError(f"--num-images must be at least 1, got {args.num_images}")
     given = [name for name in ("ip_adapter", "image_encoder", "image") if getattr(args, name)]
     options = [flag for flag, value in (("--scale", args.scale), ("--image-combine", args.image_combine),
-                                        ("--no-crop", args.no_crop)) if value not in (None, False)]
+                                        ("--no-crop", args.no_crop), ("--reference-attention", args.reference_attention))
+               if value not in (None, False)]
     if options and not given:
         raise ValueError(f"{options[0]} applies to an image prompt: give --ip-adapter, --image-encoder and --image")
     if given and len(given) < 3:
@@ -137,6 +142,8 @@ def generation_parameters(args: argparse.Namespace, index: int) -> str:
     if args.ip_adapter:
         fields.update({"ip_adapter": args.ip_adapter.name, "images": " ".join(p.name for p in args.image),
                        "scale": json.dumps(args.scale), "image_combine": args.image_combine, "crop": not args.no_crop})
+        if args.reference_attention:
+            fields["attention"] = "reference (two SDPA calls)"
     return "\n".join(f"{k}: {v}" for k, v in fields.items())
 
 
@@ -169,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.ip_adapter:
             pipe = IPAdapterPipeline.from_files(args.model, args.ip_adapter, args.image_encoder, device, dtype)
             images = pipe(args.prompt, references, scale=args.scale, negative_prompt=args.negative_prompt,
-                          combine=args.image_combine, crop=not args.no_crop, **generation)
+                          combine=args.image_combine, crop=not args.no_crop,
+                          reference_attention=args.reference_attention, **generation)
         else:
             pipe = StableDiffusion.from_file(args.model, device=device, dtype=dtype)
             images = pipe(args.prompt, args.negative_prompt, **generation)

@@ -11,9 +11,11 @@ from safetensors.torch import save_file
 
 import ipadapter_min.ip_adapter as ipa
 from ipadapter_min.attention import attention
+from kernels import decoupled_attention, decoupled_attention_reference
 from ipadapter_min.image_projection import VIT_BIGG, VIT_H, detect_variant
 from ipadapter_min.ip_adapter import IPAdapterLayers, cfg_image_tokens, encode_images
 from ipadapter_min.ip_layers import LAYERS, expand_scale
+from ipadapter_min.ip_pipeline import IPAdapterPipeline
 from ipadapter_min.loading import load_ip_adapter
 from reference_models import OFFICIAL_WIDTHS, official_state, projection_shapes, write_official
 from weights_convert.files import CheckpointError, read_metadata
@@ -316,6 +318,33 @@ def test_hook_matches_direct_computation(scale, small_layers):
         hook(layer, *_qkv(batch=4))
     hook.set_scale(0.0)
     assert torch.equal(hook(layer, q, k, v), F.scaled_dot_product_attention(q, k, v))
+
+
+def test_hook_and_pipeline_take_the_reference_attention(small_layers, monkeypatch):
+    """``reference_attention`` (the CLI's --reference-attention) reaches the hook: every image
+    layer then runs diffusers' two-SDPA computation instead of kernels.decoupled_attention."""
+    calls = []
+
+    def spy(*args):
+        calls.append(args[3].shape)
+        return decoupled_attention_reference(*args)
+
+    tokens = torch.randn(2, 5, 768, generator=torch.Generator().manual_seed(5))
+    q, k, v = _qkv()
+    with torch.no_grad():
+        out = ipa.ImagePromptAttention(small_layers, tokens, 0.5, attention=spy)(6, q, k, v)
+        default = ipa.ImagePromptAttention(small_layers, tokens, 0.5)(6, q, k, v)
+    assert calls == [(2, HEADS, 5, HEAD_DIM)]
+    assert torch.equal(out, default)  # on CPU the default path is the same two-SDPA computation
+
+    hooks = []
+    pipe = IPAdapterPipeline.__new__(IPAdapterPipeline)  # no models: only the wiring is under test
+    pipe.adapter = types.SimpleNamespace(hook=lambda tokens, scale, attention: hooks.append(attention))
+    pipe.sd = lambda *args, **kwargs: []
+    monkeypatch.setattr(pipe, "image_tokens", lambda *args: tokens, raising=False)
+    pipe("", ["image"], reference_attention=True)
+    pipe("", ["image"])
+    assert hooks == [decoupled_attention_reference, decoupled_attention]
 
 
 def test_hook_matches_diffusers_processor():

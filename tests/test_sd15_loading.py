@@ -189,6 +189,7 @@ def test_sample_help_explains_flags():
     (["--scale", "lots"], "expected a number or a JSON dict"),
     (["--scale", "0.5"], "--scale applies to an image prompt"),
     (["--no-crop"], "--no-crop applies to an image prompt"),
+    (["--reference-attention"], "--reference-attention applies to an image prompt"),
     (["--steps", "1000"], "--steps must be in [1, 999]"),
 ])
 def test_sample_rejects_bad_image_prompt_arguments(tiny, tmp_path, capsys, extra, message):

@@ -1,7 +1,7 @@
 """The IP-Adapter image encoder: OpenCLIP ViT-H/14 (or ViT-bigG/14 for the vit-G adapter).
 
-The network is open_clip's own ``VisionTransformer``, built on the meta device and then given
-the loaded tensors (``load_state_dict(assign=True)``), so loading never runs a random init.
+The network is open_clip's own ``VisionTransformer``; ``loading`` builds it on the meta device
+and gives it the loaded tensors, so loading never runs a random init.
 :meth:`ImageEncoder.forward` returns what the adapters consume: the projected pooled embedding
 (transformers' ``image_embeds``; base, light and vit-G adapters) and the penultimate hidden
 states (transformers' ``hidden_states[-2]``; plus and full-face adapters).
@@ -87,7 +87,7 @@ class ImageEncoderConfig:
         return cls(**json.loads(text))
 
 
-def _open_clip():
+def import_open_clip():
     """open_clip's building blocks, imported on first use (``import open_clip`` takes seconds)."""
     from open_clip.transformer import LayerNorm, QuickGELU, VisionTransformer
 
@@ -100,7 +100,7 @@ class ImageEncoder(nn.Module):
 
     def __init__(self, config: ImageEncoderConfig = ImageEncoderConfig()):
         super().__init__()
-        LayerNorm, QuickGELU, VisionTransformer = _open_clip()
+        LayerNorm, QuickGELU, VisionTransformer = import_open_clip()
         self.config = config
         self.visual = VisionTransformer(
             image_size=config.image_size,
@@ -115,19 +115,6 @@ class ImageEncoder(nn.Module):
         )
         if self.visual.transformer.resblocks[0].mlp.c_fc.out_features != config.mlp_width:
             raise ValueError(f"open_clip rounded the MLP width of {config} differently")
-
-    @classmethod
-    def from_state_dict(cls, config: ImageEncoderConfig, state: dict[str, torch.Tensor], *, source: str = "state dict",
-                        device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> "ImageEncoder":
-        """Build on the meta device and take ``state`` (keys ``visual.*``) as the weights; every
-        key must be present with the right shape (a CheckpointError naming key and ``source``)."""
-        _open_clip()  # import outside the meta-device context: module-level tensors stay real
-        with torch.device("meta"):
-            model = cls(config)
-        check_state(state, model.state_dict(), source, config)
-        state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
-        model.load_state_dict(state, strict=True, assign=True)
-        return model.eval().requires_grad_(False)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -19,7 +19,7 @@ from weights_convert.ip_adapter import read_ip_adapter
 from weights_convert.sd15 import PARTS, read_sd15
 
 from .image_encoder import FORMAT as IMAGE_ENCODER_FORMAT
-from .image_encoder import ImageEncoder, ImageEncoderConfig
+from .image_encoder import ImageEncoder, ImageEncoderConfig, check_state, import_open_clip
 from .ip_adapter import IPAdapter
 
 
@@ -62,8 +62,19 @@ def load_image_encoder(path: str | os.PathLike, device: torch.device | str = "cp
             config = ImageEncoderConfig.from_json(metadata["config"])
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{path}: bad 'config' metadata ({exc})") from None
-        return ImageEncoder.from_state_dict(config, read_state_dict(path), source=str(path), device=device, dtype=dtype)
+        return image_encoder_from_state_dict(config, read_state_dict(path), str(path), device, dtype)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")
     state, config = read_transformers_image_encoder(path)
-    return ImageEncoder.from_state_dict(config, state, source=str(path), device=device, dtype=dtype)
+    return image_encoder_from_state_dict(config, state, str(path), device, dtype)
+
+
+def image_encoder_from_state_dict(config: ImageEncoderConfig, state: dict[str, torch.Tensor], source: str = "state dict",
+                                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> ImageEncoder:
+    """An image encoder whose weights are ``state`` (keys ``visual.*``); every key must be present
+    with the right shape (a CheckpointError naming the key and ``source``)."""
+    import_open_clip()  # before the meta-device context: open_clip's module-level tensors stay real
+    with torch.device("meta"):
+        expected = ImageEncoder(config).state_dict()
+    check_state(state, expected, source, config)
+    return assign(lambda: ImageEncoder(config), state, device, dtype)

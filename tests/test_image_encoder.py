@@ -24,11 +24,10 @@ from transformers import (
 
 from ipadapter_min.image_encoder import (  # noqa: E402
     FORMAT,
-    ImageEncoder,
     ImageEncoderConfig,
     preprocess,
 )
-from ipadapter_min.loading import load_image_encoder
+from ipadapter_min.loading import image_encoder_from_state_dict, load_image_encoder
 from reference_models import hf_config, random_hf_model, sample_images  # noqa: E402
 from weights_convert.files import CheckpointError, read_metadata  # noqa: E402
 from weights_convert.image_encoder import (  # noqa: E402
@@ -97,7 +96,7 @@ def test_vit_h_parity_converted(vit_h):
     assert meta["format"] == FORMAT and meta["model"] == "ViT-H/14"
     config = ImageEncoderConfig.from_json(meta["config"])
     assert config == ImageEncoderConfig.vit_h_14()
-    check_parity(ImageEncoder.from_state_dict(config, tensors), pixels, ref)
+    check_parity(image_encoder_from_state_dict(config, tensors), pixels, ref)
 
 
 # ---------------------------------------------------------------- tiny models
@@ -186,7 +185,7 @@ def test_presets_match_transformers_and_open_clip(preset):
         hf = CLIPVisionModelWithProjection(hf_config(cfg))
     assert {k: tuple(v.shape) for k, v in hf.state_dict().items()} == transformers_shapes(cfg)
     converted = transformers_to_open_clip(meta_state(cfg), cfg, "meta")
-    encoder = ImageEncoder.from_state_dict(cfg, converted, device="meta")
+    encoder = image_encoder_from_state_dict(cfg, converted, device="meta")
     assert encoder.visual.transformer.resblocks[0].mlp.c_fc.out_features == cfg.mlp_width
 
 

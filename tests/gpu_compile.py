@@ -28,7 +28,7 @@ from kernels import triton_decoupled_attention as kernel_module  # noqa: E402
 
 # Largest dynamic shared memory one block may opt into, bytes (CUDA programming guide,
 # "Technical Specifications per Compute Capability").
-MAX_SHARED_BYTES = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 120: 101376}
+MAX_SHARED_BYTES = {80: 166912, 86: 101376, 90: 232448}
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 POINTERS = ("Q", "KT", "VT", "KI", "VI", "O")
 ROW_STRIDES = ("stride_ql", "stride_ktl", "stride_vtl", "stride_kil", "stride_vil", "stride_ol")

@@ -295,7 +295,7 @@ def test_cuda_dispatch_uses_the_fused_kernel():
 
 def test_default_configs_fit_every_gpu_arch():
     """Compile the kernel with its default configs for sm_80, sm_86 and sm_90 (Triton's own
-    ptxas, no driver; tests/gpu_compile.py; ~30 s on 2 cores with a cold Triton cache). A
+    ptxas, no driver; tests/gpu_compile.py; ~40 s on 2 cores with a cold Triton cache). A
     config that needs more shared memory than the arch allows would fail at launch on that
     GPU; one that spills registers runs slowly; unvectorised loads at the SD1.5 head dims mean
     the alignment hints were lost."""

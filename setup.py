@@ -21,7 +21,17 @@ setup(
     ],
     extras_require={
         # Oracles for parity tests, and matplotlib for the benchmark's plot: the runtime never
-        # imports them.
-        "test": ["pytest", "hypothesis", "diffusers", "transformers", "matplotlib"],
+        # imports them. Pinned to the versions the suite was last run with: the tests assert the
+        # oracles' behaviour, and hypothesis derandomizes its examples per version. README: "Moving
+        # the pins" says how to update them.
+        "test": [
+            "pytest==9.2.0",
+            "hypothesis==6.170.15",
+            "diffusers==0.42.1",
+            "transformers==5.23.0",
+            "tokenizers==0.23.3",
+            "huggingface_hub==2.4.0",
+            "matplotlib==3.11.2",
+        ],
     },
 )

@@ -15,6 +15,10 @@ from kernels import decoupled_attention
 
 
 class CrossAttentionHook(Protocol):
+    # Which UNet batch rows are conditional (``cfg``): the runtime that lays out the batch
+    # sets it before calling the UNet (the pipeline does in ``StableDiffusion.denoise``).
+    rows: tuple[bool, ...] | None
+
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Return the attention output for cross-attention ``layer`` (0..15, in the order the
         UNet runs them). q, k, v are (batch, heads, length, head_dim); so is the result."""

@@ -13,9 +13,6 @@ its weights file alone, and the project's converted single file
 """
 from __future__ import annotations
 
-import dataclasses
-import json
-from dataclasses import dataclass
 from functools import partial
 from typing import Sequence
 
@@ -25,66 +22,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from weights_convert.files import CheckpointError
-
-FORMAT = "ipadapter_min.image_encoder"
+from .configs import ImageEncoderConfig
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-@dataclass(frozen=True)
-class ImageEncoderConfig:
-    """Shape of a CLIP vision tower. The defaults are OpenCLIP ViT-H/14 (laion2b)."""
-
-    width: int = 1280
-    layers: int = 32
-    heads: int = 16
-    mlp_width: int = 5120
-    patch_size: int = 14
-    image_size: int = 224
-    proj_dim: int = 1024
-    layer_norm_eps: float = 1e-5
-    act: str = "gelu"  # "gelu" (OpenCLIP) or "quick_gelu" (OpenAI CLIP)
-
-    def __post_init__(self):
-        if self.act not in ("gelu", "quick_gelu"):
-            raise ValueError(f"act must be 'gelu' or 'quick_gelu', not {self.act!r}")
-        if self.width % self.heads:
-            raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
-        if self.image_size % self.patch_size:
-            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
-
-    @classmethod
-    def vit_h_14(cls) -> "ImageEncoderConfig":
-        return cls()
-
-    @classmethod
-    def vit_bigg_14(cls) -> "ImageEncoderConfig":
-        return cls(width=1664, layers=48, heads=16, mlp_width=8192, proj_dim=1280)
-
-    @classmethod
-    def tiny(cls) -> "ImageEncoderConfig":
-        """A few-layer model with the real token count (257), for fast tests."""
-        return cls(width=64, layers=3, heads=4, mlp_width=128, proj_dim=32)
-
-    @property
-    def num_tokens(self) -> int:
-        return (self.image_size // self.patch_size) ** 2 + 1
-
-    @property
-    def name(self) -> str:
-        for name, preset in (("ViT-H/14", self.vit_h_14()), ("ViT-bigG/14", self.vit_bigg_14())):
-            if self == preset:
-                return name
-        return "custom"
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> "ImageEncoderConfig":
-        return cls(**json.loads(text))
 
 
 def import_open_clip():
@@ -147,20 +88,6 @@ class ImageEncoder(nn.Module):
         for block in self.visual.transformer.resblocks[:-1]:
             x = block(x)
         return x
-
-
-def check_state(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], source: str,
-                config: ImageEncoderConfig) -> None:
-    """Raise a one-line CheckpointError for the first unexpected, missing or mis-shaped key."""
-    for key in state:
-        if key not in expected:
-            raise CheckpointError(f"{source}: unexpected key {key!r} for a {config.name} image encoder")
-    for key, ref in expected.items():
-        if key not in state:
-            raise CheckpointError(f"{source}: missing key {key!r} for a {config.name} image encoder")
-        if tuple(state[key].shape) != tuple(ref.shape):
-            raise CheckpointError(f"{source}: key {key!r} has shape {tuple(state[key].shape)}, "
-                                  f"expected {tuple(ref.shape)} for a {config.name} image encoder")
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,10 +1,11 @@
 """IP-Adapter for SD1.5: image projection + 16 (to_k_ip, to_v_ip) pairs, and the attention hook.
 
 The layers are numbered as the UNet runs them (``ip_layers.py``); official files are read by
-``weights_convert/ip_adapter.py`` and loaded by ``loading.load_ip_adapter``.
+``formats/ip_adapter.py`` and loaded by ``loading.load_ip_adapter``.
 
-CFG batch order. The image tokens the hook receives must follow the UNet batch. Helpers here
-build them as diffusers does: unconditional (negative) rows first, then conditional ones.
+CFG batch order. The hook holds one prompt's positive and negative image tokens, not a batch:
+it puts their keys and values in the UNet batch's rows by the row layout (``cfg``) the runtime
+sets, the same layout the text embeddings were put in rows by.
 """
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from ipadapter_min.image_projection import CONTEXT_DIM, AdapterSpec
+from ipadapter_min.cfg import CFGBatch, Rows, as_rows, per_row
+from ipadapter_min.configs import CONTEXT_DIM, AdapterSpec
+from ipadapter_min.image_projection import build_projection
 from ipadapter_min.ip_layers import CROSS_ATTENTION_WIDTHS, NUM_LAYERS, expand_scale
 from kernels import decoupled_attention
 
@@ -49,17 +52,19 @@ class IPAdapter(nn.Module):
     def __init__(self, spec: AdapterSpec, widths: Sequence[int] = CROSS_ATTENTION_WIDTHS):
         super().__init__()
         self.spec = spec
-        self.image_proj = spec.build_projection()
+        self.image_proj = build_projection(spec)
         self.ip_layers = IPAdapterLayers(widths, spec.context_dim)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """Encoder features for N images → (N, tokens, 768)."""
         return self.image_proj(features)
 
-    def hook(self, tokens: torch.Tensor, scale: object = 1.0, *, strict: bool = True,
+    def hook(self, positive: torch.Tensor, negative: torch.Tensor, scale: object = 1.0, *,
+             rows: Sequence[bool] | None = None, strict: bool = True,
              attention: DecoupledAttention = decoupled_attention) -> "ImagePromptAttention":
-        """The cross-attention hook for image ``tokens`` (UNet batch order) at λ ``scale``."""
-        return ImagePromptAttention(self.ip_layers, tokens, scale, strict=strict, attention=attention)
+        """The cross-attention hook for one prompt's image tokens (:func:`image_prompt_tokens`) at λ ``scale``."""
+        return ImagePromptAttention(self.ip_layers, positive, negative, scale, rows=rows, strict=strict,
+                                    attention=attention)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -71,11 +76,18 @@ class ImagePromptAttention:
 
         out = softmax(q kᵀ/√d) v + λ_layer · softmax(q k_imgᵀ/√d) v_img
 
-    with k_img, v_img = to_k_ip(tokens), to_v_ip(tokens) split into q's heads. They are computed
-    at a layer's first call and cached: the tokens are the same at every denoising step, so make a
-    new hook when the tokens change (and per step when training). A layer whose λ is 0 (including
-    -0.0 and a zero tensor) calls ``decoupled_attention(q, k, v)`` without image tokens: bit-identical
-    to the base model, whatever the tokens hold (NaN included), and the image K/V are never computed.
+    with k_img, v_img = to_k_ip(tokens), to_v_ip(tokens) split into q's heads, the tokens being one
+    prompt's ``positive`` tokens in the batch's conditional rows and its ``negative`` tokens in the
+    unconditional ones. ``rows`` says which rows are which (``cfg``: one bool per row, True where
+    conditional); the runtime that lays out the batch sets it before the UNet calls
+    (``StableDiffusion.denoise`` does; ComfyUI-like runtimes per call). Left None, it is diffusers'
+    layout for the batch the hook is called with: first half unconditional, second half conditional.
+
+    The image K/V of both token sets are computed at a layer's first call and cached: the tokens
+    are the same at every denoising step, so make a new hook when the tokens change (and per step
+    when training). A layer whose λ is 0 (including -0.0 and a zero tensor) calls
+    ``decoupled_attention(q, k, v)`` without image tokens: bit-identical to the base model,
+    whatever the tokens hold (NaN included), and the image K/V are never computed.
 
     ``attention`` computes the two-softmax sum: ``kernels.decoupled_attention`` (the fused kernel
     on CUDA) by default, or ``kernels.decoupled_attention_reference`` for diffusers' exact op
@@ -91,25 +103,53 @@ class ImagePromptAttention:
       (q length → latent h·w at this layer) before adding, as diffusers does with ip_adapter_masks.
     """
 
-    def __init__(self, layers: IPAdapterLayers, tokens: torch.Tensor, scale: object = 1.0, *, strict: bool = True,
+    def __init__(self, layers: IPAdapterLayers, positive: torch.Tensor, negative: torch.Tensor, scale: object = 1.0,
+                 *, rows: Sequence[bool] | None = None, strict: bool = True,
                  attention: DecoupledAttention = decoupled_attention):
-        if tokens.ndim != 3 or tokens.shape[-1] != layers.context_dim:
-            raise ValueError(f"image tokens must be (batch, tokens, {layers.context_dim}), got {list(tokens.shape)}")
+        for name, tokens in (("positive", positive), ("negative", negative)):
+            if tokens.ndim != 3 or tokens.shape[0] != 1 or tokens.shape[-1] != layers.context_dim:
+                raise ValueError(f"{name} image tokens must be (1, tokens, {layers.context_dim}), "
+                                 f"got {list(tokens.shape)}")
+        if negative.shape != positive.shape:
+            raise ValueError(f"positive image tokens have shape {list(positive.shape)} but negative ones "
+                             f"{list(negative.shape)}")
         if len(layers) != NUM_LAYERS:
             raise ValueError(f"expected {NUM_LAYERS} adapter layers, got {len(layers)}")
         self.layers = layers
-        self.tokens = tokens
+        self.tokens = torch.cat([negative, positive])  # projected together; per_row picks [1] for cond rows
+        self.rows = rows
         self.scales = expand_scale(scale, strict=strict)
         self.attention = attention
         self._kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def rows(self) -> Rows | None:
+        return self._rows
+
+    @rows.setter
+    def rows(self, rows: Sequence[bool] | torch.Tensor | None) -> None:
+        """Set the row layout (the cached image K/V stay valid); None for diffusers' layout."""
+        self._rows = None if rows is None else as_rows(rows)
 
     def set_scale(self, scale: object, *, strict: bool = True) -> None:
         """Change λ (same forms as :func:`expand_scale`); the cached image K/V stay valid."""
         self.scales = expand_scale(scale, strict=strict)
 
+    def layout(self, batch: int, layer: int) -> Rows:
+        """The row layout for a UNet batch of ``batch`` rows; a one-line error naming both sizes."""
+        if self._rows is None:
+            if batch % 2:
+                raise ValueError(f"cross-attention layer {layer} has batch {batch}, which cannot be diffusers' "
+                                 f"unconditional half + conditional half: set hook.rows (one bool per row)")
+            return CFGBatch(batch // 2, guided=True).rows
+        if len(self._rows) != batch:
+            raise ValueError(f"hook.rows has {len(self._rows)} rows but cross-attention layer {layer} has batch "
+                             f"{batch}: set it to one bool per UNet batch row (True where conditional)")
+        return self._rows
+
     def image_kv(self, layer: int, heads: int, dtype: torch.dtype, device: torch.device
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-        """This layer's image keys and values, (batch, heads, tokens, head_dim), cached."""
+        """This layer's image keys and values of [negative, positive], (2, heads, tokens, head_dim), cached."""
         cached = self._kv.get(layer)
         if cached is not None and (cached[0].dtype, cached[0].device, cached[0].shape[1]) == (dtype, device, heads):
             return cached
@@ -123,18 +163,16 @@ class ImagePromptAttention:
         return k, v
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        rows = self.layout(q.shape[0], layer)
         scale = self.scales[layer]
         if scale == 0.0:
             return decoupled_attention(q, k, v)
-        k_img, v_img = self.image_kv(layer, q.shape[1], q.dtype, q.device)
-        if k_img.shape[0] != q.shape[0]:
-            raise ValueError(f"image tokens have batch {k_img.shape[0]} but cross-attention layer {layer} has batch "
-                             f"{q.shape[0]}: build the tokens in the UNet's batch order (cfg_image_tokens)")
+        k_img, v_img = (per_row(rows, kv[1:], kv[:1]) for kv in self.image_kv(layer, q.shape[1], q.dtype, q.device))
         return self.attention(q, k, v, k_img, v_img, scale)
 
 
 # ----------------------------------------------------------------------------------------------
-# Encoder outputs → image tokens for CFG
+# Encoder outputs → one prompt's positive and negative image tokens
 
 
 def _encoder_dtype(encoder: Callable) -> tuple[torch.device, torch.dtype] | None:
@@ -199,33 +237,28 @@ def _combine(adapter: IPAdapter, features: torch.Tensor, combine: str, weights: 
     raise ValueError(f"unknown combine {combine!r}: expected 'concat' or 'average'")
 
 
-def cfg_image_tokens(adapter: IPAdapter, features: torch.Tensor, negative_features: torch.Tensor | None = None, *,
-                     batch_size: int = 1, combine: str = "concat", weights: Sequence[float] | None = None,
-                     guidance: bool = True) -> torch.Tensor:
-    """Image tokens for a UNet batch from the features of N reference images.
+def tokens_from_features(adapter: IPAdapter, features: torch.Tensor, negative_features: torch.Tensor | None = None,
+                         *, combine: str = "concat", weights: Sequence[float] | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positive, negative) image tokens of one prompt, (1, tokens, 768) each, from the features of
+    N reference images; the hook puts them in the UNet batch's rows.
 
     Several images are combined by concatenating their tokens along the token axis (default, as
     diffusers: one softmax over all images' tokens, N·T tokens) or by averaging their features with
-    ``weights`` before projecting (T tokens). With ``guidance`` the result is
-    ``[negative] * batch_size + [positive] * batch_size`` (diffusers' order: unconditional first),
-    shape (2·batch_size, tokens, 768); without, ``[positive] * batch_size``. ``negative_features``
-    default to a zero embedding (base, light, vit-G); plus and full-face need the encoder's
-    features of a zero image (see :func:`encode_images`).
+    ``weights`` before projecting (T tokens). ``negative_features`` default to a zero embedding
+    (base, light, vit-G); plus and full-face need the encoder's features of a zero image (see
+    :func:`encode_images`).
     """
-    positive = _combine(adapter, features, combine, weights)
-    rows = [positive] * batch_size
-    if guidance:
-        if negative_features is None:
-            if adapter.spec.uses_hidden_states:
-                raise ValueError(f"the {adapter.spec.variant} adapter's negative tokens come from the image encoder "
-                                 f"(features of an all-zero pixel tensor): pass negative_features (encode_images)")
-            negative_features = torch.zeros_like(features)
-        rows = [_combine(adapter, negative_features, combine, weights)] * batch_size + rows
-    return torch.cat(rows)
+    if negative_features is None:
+        if adapter.spec.uses_hidden_states:
+            raise ValueError(f"the {adapter.spec.variant} adapter's negative tokens come from the image encoder "
+                             f"(features of an all-zero pixel tensor): pass negative_features (encode_images)")
+        negative_features = torch.zeros_like(features)
+    return _combine(adapter, features, combine, weights), _combine(adapter, negative_features, combine, weights)
 
 
 def image_prompt_tokens(adapter: IPAdapter, encoder: Callable, pixels: torch.Tensor, *,
-                        negative_pixels: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
-    """:func:`encode_images` then :func:`cfg_image_tokens` (same keyword arguments)."""
+                        negative_pixels: torch.Tensor | None = None, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`encode_images` then :func:`tokens_from_features` (same keyword arguments)."""
     features, negative = encode_images(encoder, pixels, adapter.spec, negative_pixels)
-    return cfg_image_tokens(adapter, features, negative, **kwargs)
+    return tokens_from_features(adapter, features, negative, **kwargs)

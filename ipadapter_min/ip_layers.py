@@ -16,7 +16,7 @@ from typing import Mapping
 
 import torch
 
-from .unet import UNetConfig
+from .configs import UNetConfig
 
 _SD15 = UNetConfig()
 BLOCK_OUT_CHANNELS = tuple(_SD15.channels * m for m in _SD15.channel_mult)

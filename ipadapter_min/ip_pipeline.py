@@ -1,7 +1,8 @@
 """Image prompts: Stable Diffusion 1.5 + a CLIP image encoder + an IP-Adapter.
 
-Reference images → encoder features → adapter projection → image tokens (unconditional rows
-first, as the text batch) → the adapter's cross-attention hook → the ordinary SD1.5 loop.
+Reference images → encoder features → adapter projection → positive and negative image tokens
+→ the adapter's cross-attention hook → the ordinary SD1.5 loop, which tells the hook which
+batch rows are conditional (the layout it put the text embeddings in).
 """
 from __future__ import annotations
 
@@ -47,13 +48,12 @@ class IPAdapterPipeline:
         return cls(StableDiffusion.from_file(model, device=device, dtype=dtype), adapter, encoder)
 
     @torch.no_grad()
-    def image_tokens(self, images: Sequence[Image.Image], guidance: float, num_images: int = 1,
-                     combine: str = "concat", crop: bool = True) -> torch.Tensor:
-        """Image tokens in the UNet's batch order for ``num_images`` images per prompt.
-        Several reference images are concatenated (as the reference does) or averaged."""
+    def image_tokens(self, images: Sequence[Image.Image], combine: str = "concat", crop: bool = True
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(positive, negative) image tokens, (1, tokens, 768) each. Several reference images are
+        concatenated (as the reference does) or averaged."""
         pixels = preprocess(list(images), crop=crop)  # encode_images moves them to the encoder
-        return image_prompt_tokens(self.adapter, self.encoder, pixels, batch_size=num_images,
-                                   guidance=guidance > 1, combine=combine)
+        return image_prompt_tokens(self.adapter, self.encoder, pixels, combine=combine)
 
     def __call__(self, prompt: str, images: Sequence[Image.Image], scale: object = 1.0, negative_prompt: str = "",
                  guidance: float = 7.5, num_images: int = 1, combine: str = "concat", crop: bool = True,
@@ -65,7 +65,7 @@ class IPAdapterPipeline:
         instead of with the fused kernel on CUDA: slower, for comparing with the reference."""
         if not images:
             raise ValueError("at least one reference image is needed")
-        tokens = self.image_tokens(images, guidance, num_images, combine, crop)
+        positive, negative = self.image_tokens(images, combine, crop)
         attention = decoupled_attention_reference if reference_attention else decoupled_attention
         return self.sd(prompt, negative_prompt, guidance=guidance, num_images=num_images,
-                       hook=self.adapter.hook(tokens, scale, attention=attention), **generation)
+                       hook=self.adapter.hook(positive, negative, scale, attention=attention), **generation)

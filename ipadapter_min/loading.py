@@ -1,11 +1,14 @@
-"""Building models from checkpoints without ever running a random initialisation.
+"""Building models from checkpoints: each model is built once, on the meta device (no memory, no
+random initialisation), every key and shape of the checkpoint is checked against that build, and
+the tensors become its parameters.
 
-Models are built on the meta device (no memory, no init), then the loaded tensors are
-assigned as their parameters. Every format goes through ``weights_convert``, which checks
-each key and shape against the model first.
+The format readers (``formats``) hand over memory-mapped tensors renamed to our layout; here they
+are cast and moved one at a time, each source dropped as soon as it is used, so loading needs
+about the memory of the weights in the target dtype and no more.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Callable
@@ -13,41 +16,124 @@ from typing import Callable
 import torch
 from torch import nn
 
-from weights_convert.files import CheckpointError, read_metadata, read_state_dict
-from weights_convert.image_encoder import read_transformers_image_encoder
-from weights_convert.ip_adapter import read_ip_adapter
-from weights_convert.sd15 import PARTS, read_sd15
-
-from .image_encoder import FORMAT as IMAGE_ENCODER_FORMAT
-from .image_encoder import ImageEncoder, ImageEncoderConfig, check_state, import_open_clip
+from .configs import AdapterSpec, ImageEncoderConfig
+from .formats.files import Checkpoint, CheckpointError, release
+from .formats.image_encoder import read_image_encoder
+from .formats.ip_adapter import read_ip_adapter, to_project_layout
+from .formats.sd15 import read_sd15
+from .image_encoder import ImageEncoder, import_open_clip
 from .ip_adapter import IPAdapter
+from .text_encoder import TextEncoder
+from .unet import UNet
+from .vae import VAE
+
+SD15_MODELS = {"unet": UNet, "vae": VAE, "text_encoder": TextEncoder}
+_INIT_FILLS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "xavier_uniform_",
+               "xavier_normal_", "kaiming_uniform_", "kaiming_normal_")
 
 
-def assign(build: Callable[[], nn.Module], tensors: dict[str, torch.Tensor], device, dtype) -> nn.Module:
-    """``build()`` on the meta device, then the tensors (already checked) become its parameters."""
-    with torch.device("meta"):
+@contextlib.contextmanager
+def skip_init():
+    """``torch.nn.init``'s fills do nothing for a while. Modules fill their weights as they are
+    built; on the meta device there is nothing to fill, yet the first ``normal_`` there imports
+    torch's decomposition machinery (sympy and ~900 modules: ~150 MB and seconds), for weights
+    that the checkpoint replaces anyway. (diffusers and transformers skip them the same way.)"""
+    saved = {name: getattr(nn.init, name) for name in _INIT_FILLS}
+    try:
+        for name in _INIT_FILLS:
+            setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, fill in saved.items():
+            setattr(nn.init, name, fill)
+
+
+def build_checked(build: Callable[[], nn.Module], checkpoint: Checkpoint, what: str, prefix: str = "") -> nn.Module:
+    """``build()`` on the meta device, and the checkpoint's tensors under ``prefix`` checked
+    against it: a one-line CheckpointError names the first unexpected, mis-shaped or missing key."""
+    with torch.device("meta"), skip_init():
         model = build()
-    state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in tensors.items()}
+    expected = {prefix + k: v.shape for k, v in model.state_dict().items()}
+    for key, value in checkpoint.tensors.items():
+        if not key.startswith(prefix):
+            continue
+        if key not in expected:
+            raise CheckpointError(f"{checkpoint.where(key)} is unexpected for {what}")
+        if value.shape != expected[key]:
+            raise CheckpointError(f"{checkpoint.where(key)} has shape {list(value.shape)}, expected "
+                                  f"{list(expected[key])} for {what}")
+    missing = [k for k in expected if k not in checkpoint.tensors]
+    if missing:
+        raise CheckpointError(f"{checkpoint.source}: missing key {checkpoint.file_key(missing[0])!r} for {what} "
+                              f"({len(missing)} missing in all)")
+    return model
+
+
+def assign(model: nn.Module, checkpoint: Checkpoint, device, dtype, prefix: str = "") -> nn.Module:
+    """Move the (checked) tensors under ``prefix`` out of the checkpoint into ``model``'s
+    parameters, cast one at a time so that each source is freed before the next is read."""
+    state = {}
+    for key in [k for k in checkpoint.tensors if k.startswith(prefix)]:
+        value = checkpoint.tensors.pop(key)
+        state[key[len(prefix):]] = value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype)
+        if state[key[len(prefix):]] is not value:
+            release(value)
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)
 
 
+def refuse_leftovers(checkpoint: Checkpoint, prefixes: list[str], what: str) -> None:
+    """Keys that belong to none of the models being loaded."""
+    for key in checkpoint.tensors:
+        if not key.startswith(tuple(prefixes)):
+            raise CheckpointError(f"{checkpoint.where(key)} is unexpected for {what}")
+
+
+def build_sd15(checkpoint: Checkpoint, configs: dict[str, object]) -> dict[str, nn.Module]:
+    """The three SD1.5 models on the meta device, the checkpoint checked against them (converters
+    stop here; loading goes on to assign)."""
+    refuse_leftovers(checkpoint, [f"{part}." for part in SD15_MODELS], "SD1.5")
+    return {part: build_checked(lambda: model_cls(configs[part]), checkpoint, f"SD1.5's {part}", f"{part}.")
+            for part, model_cls in SD15_MODELS.items()}
+
+
 def load_sd15(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> dict[str, nn.Module]:
     """{"unet", "vae", "text_encoder"} from a converted file, an original single file or a diffusers folder."""
-    tensors, configs = read_sd15(path)
-    models = {}
-    for part, (model_cls, _) in PARTS.items():
-        prefix = part + "."
-        own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        models[part] = assign(lambda: model_cls(configs[part]), own, device, dtype)
-    return models
+    checkpoint, configs = read_sd15(path)
+    models = build_sd15(checkpoint, configs)
+    return {part: assign(model, checkpoint, device, dtype, f"{part}.") for part, model in models.items()}
+
+
+def ip_adapter_from_checkpoint(checkpoint: Checkpoint, spec: AdapterSpec, device: str | torch.device = "cpu",
+                               dtype: torch.dtype = torch.float32) -> IPAdapter:
+    model = build_checked(lambda: IPAdapter(spec), checkpoint, f"a {spec.variant} IP-Adapter for SD1.5")
+    return assign(model, checkpoint, device, dtype)
+
+
+def ip_adapter_from_state_dict(state: dict[str, torch.Tensor], source: str = "state dict",
+                               device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> IPAdapter:
+    """An IP-Adapter from an official or converted state dict (flat keys), every key and shape checked."""
+    return ip_adapter_from_checkpoint(*to_project_layout(state, source), device, dtype)
 
 
 def load_ip_adapter(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> IPAdapter:
     """An official IP-Adapter file (.bin or .safetensors) or a converted one; the variant comes
     from the keys and shapes."""
-    tensors, spec = read_ip_adapter(path)
-    return assign(lambda: IPAdapter(spec), tensors, device, dtype)
+    return ip_adapter_from_checkpoint(*read_ip_adapter(path), device, dtype)
+
+
+def image_encoder_from_checkpoint(checkpoint: Checkpoint, config: ImageEncoderConfig,
+                                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> ImageEncoder:
+    import_open_clip()  # before the meta-device context: open_clip's module-level tensors stay real
+    model = build_checked(lambda: ImageEncoder(config), checkpoint, f"a {config.name} image encoder")
+    return assign(model, checkpoint, device, dtype)
+
+
+def image_encoder_from_state_dict(config: ImageEncoderConfig, state: dict[str, torch.Tensor], source: str = "state dict",
+                                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> ImageEncoder:
+    """An image encoder whose weights are ``state`` (keys ``visual.*``); every key must be present
+    with the right shape (a CheckpointError naming the key and ``source``)."""
+    return image_encoder_from_checkpoint(Checkpoint(dict(state), source), config, device, dtype)
 
 
 def load_image_encoder(path: str | os.PathLike, device: torch.device | str = "cpu",
@@ -55,26 +141,4 @@ def load_image_encoder(path: str | os.PathLike, device: torch.device | str = "cp
     """Load an image encoder from a transformers CLIPVisionModelWithProjection folder (or its
     weights file), or from the project's converted ``.safetensors`` file. ViT-H/14 and
     ViT-bigG/14 (and any other plain CLIP ViT) are told apart by config.json or by shapes."""
-    path = Path(path)
-    metadata = read_metadata(path) if path.is_file() else {}
-    if metadata.get("format") == IMAGE_ENCODER_FORMAT:
-        try:
-            config = ImageEncoderConfig.from_json(metadata["config"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"{path}: bad 'config' metadata ({exc})") from None
-        return image_encoder_from_state_dict(config, read_state_dict(path), str(path), device, dtype)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file or folder")
-    state, config = read_transformers_image_encoder(path)
-    return image_encoder_from_state_dict(config, state, str(path), device, dtype)
-
-
-def image_encoder_from_state_dict(config: ImageEncoderConfig, state: dict[str, torch.Tensor], source: str = "state dict",
-                                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> ImageEncoder:
-    """An image encoder whose weights are ``state`` (keys ``visual.*``); every key must be present
-    with the right shape (a CheckpointError naming the key and ``source``)."""
-    import_open_clip()  # before the meta-device context: open_clip's module-level tensors stay real
-    with torch.device("meta"):
-        expected = ImageEncoder(config).state_dict()
-    check_state(state, expected, source, config)
-    return assign(lambda: ImageEncoder(config), state, device, dtype)
+    return image_encoder_from_checkpoint(*read_image_encoder(path), device, dtype)

@@ -2,7 +2,8 @@
 classifier-free guidance → VAE decode → RGB images.
 
 The loop takes an optional cross-attention hook, which is how an IP-Adapter (or anything
-else that changes cross-attention) joins in without this file knowing about it.
+else that changes cross-attention) joins in without this file knowing about it. The loop lays
+out the CFG batch (``cfg.CFGBatch``) and tells the hook that layout (``hook.rows``).
 """
 from __future__ import annotations
 
@@ -14,16 +15,10 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .attention import CrossAttentionHook
+from .cfg import CFGBatch
 from .ddim import DDIM
 from .loading import load_sd15
 from .tokenizer import Tokenizer
-
-
-def cfg_batch(cond: torch.Tensor, uncond: torch.Tensor | None, copies: int) -> torch.Tensor:
-    """The batch the UNet sees: ``copies`` unconditional rows, then ``copies`` conditional rows
-    (the order the reference implementation uses); only the conditional rows without guidance."""
-    cond = cond.repeat_interleave(copies, dim=0)
-    return cond if uncond is None else torch.cat([uncond.repeat_interleave(copies, dim=0), cond])
 
 
 def initial_noise(seed: int, count: int, height: int, width: int) -> torch.Tensor:
@@ -74,29 +69,28 @@ class StableDiffusion:
         return self.text_encoder(ids, clip_skip=clip_skip)
 
     @torch.no_grad()
-    def denoise(self, latents: torch.Tensor, context: torch.Tensor, steps: int, guidance: float,
-                hook: CrossAttentionHook | None = None, progress: bool = True) -> torch.Tensor:
-        """The DDIM loop; ``context`` (and the hook's image tokens) are already in CFG batch order."""
+    def denoise(self, latents: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None, steps: int,
+                guidance: float, hook: CrossAttentionHook | None = None, progress: bool = True) -> torch.Tensor:
+        """The DDIM loop for the text embeddings of the prompt (``cond``) and of the negative prompt
+        (``uncond``, unused when guidance ≤ 1), one each; the hook gets the batch's row layout."""
+        batch = CFGBatch(latents.shape[0], guided=guidance > 1)
+        context = batch.per_row(cond, uncond)
+        if hook is not None:
+            hook.rows = batch.rows
         for t in tqdm(self.scheduler.timesteps(steps), desc="denoising", disable=not progress):
-            model_input = torch.cat([latents, latents]) if guidance > 1 else latents
-            eps = self.unet(model_input, torch.tensor(t, device=self.device), context, hook)
-            if guidance > 1:
-                eps_uncond, eps_cond = eps.chunk(2)
-                eps = eps_uncond + guidance * (eps_cond - eps_uncond)
-            latents = self.scheduler.step(eps, t, latents, steps)
+            eps = self.unet(batch.inputs(latents), torch.tensor(t, device=self.device), context, hook)
+            latents = self.scheduler.step(batch.guide(eps, guidance), t, latents, steps)
         return latents
 
     @torch.no_grad()
     def __call__(self, prompt: str, negative_prompt: str = "", steps: int = 30, guidance: float = 7.5, seed: int = 0,
                  width: int = 512, height: int = 512, num_images: int = 1, clip_skip: int = 0,
                  hook: CrossAttentionHook | None = None, progress: bool = True) -> list[Image.Image]:
-        """Generate ``num_images`` images; guidance ≤ 1 turns classifier-free guidance off.
-        A ``hook`` must hold its image tokens in the same batch order as :func:`cfg_batch`."""
+        """Generate ``num_images`` images; guidance ≤ 1 turns classifier-free guidance off."""
         check_size(width, height)
         cond = self.encode_prompt(prompt, clip_skip)
         # As in diffusers, clip_skip shapes the prompt's embedding only, not the negative prompt's.
         uncond = self.encode_prompt(negative_prompt) if guidance > 1 else None
-        context = cfg_batch(cond, uncond, num_images)
         latents = initial_noise(seed, num_images, height, width).to(self.device, self.dtype)
-        latents = self.denoise(latents, context, steps, guidance, hook, progress)
+        latents = self.denoise(latents, cond, uncond, steps, guidance, hook, progress)
         return to_images(self.vae.decode(latents))

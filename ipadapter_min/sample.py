@@ -15,9 +15,8 @@ from pathlib import Path
 import torch
 from PIL import Image, PngImagePlugin
 
-from weights_convert.files import write_atomically
-
 from .ddim import DDIM
+from .formats.files import message, write_atomically
 from .ip_layers import expand_scale
 from .ip_pipeline import IPAdapterPipeline
 from .pipeline import StableDiffusion, check_size
@@ -185,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
             save_png(image, path, generation_parameters(args, i), args.force)
             print(f"wrote {path}")
     except (ValueError, TypeError, OSError, RuntimeError) as exc:  # CheckpointError is a ValueError
-        print(f"error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
+        print(f"error: {message(exc)}", file=sys.stderr)
         return 2
     return 0
 

@@ -5,22 +5,12 @@ that is also the layout inside the original single-file checkpoints.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
-
-@dataclass
-class TextEncoderConfig:
-    vocab_size: int = 49408
-    max_positions: int = 77
-    width: int = 768
-    layers: int = 12
-    heads: int = 12
-    mlp_width: int = 3072
-    layer_norm_eps: float = 1e-5
+from .configs import TextEncoderConfig
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -38,10 +28,10 @@ class SelfAttention(nn.Module):
         self.out_proj = nn.Linear(width, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, _ = x.shape
-        q, k, v = (proj(x).view(b, n, self.heads, -1).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (rearrange(proj(x), "b n (h d) -> b h n d", h=self.heads)
+                   for proj in (self.q_proj, self.k_proj, self.v_proj))
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.out_proj(out.transpose(1, 2).reshape(b, n, -1))
+        return self.out_proj(rearrange(out, "b h n d -> b n (h d)"))
 
 
 class MLP(nn.Module):

@@ -2,7 +2,7 @@
 
 Module names are those of the original single-file checkpoints (``input_blocks``,
 ``middle_block``, ``output_blocks``), so that format loads by stripping a prefix; the
-diffusers layout is renamed to these names in ``weights_convert/sd15.py``.
+diffusers layout is renamed to these names in ``formats/sd15.py``.
 
 The 16 cross-attention layers are numbered 0..15 in the order the UNet runs them; an
 adapter reaches them only through the ``hook`` argument (see ``attention.py``).
@@ -10,30 +10,14 @@ adapter reaches them only through the ``hook`` argument (see ``attention.py``).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from .attention import CrossAttentionHook, attention
-
-
-@dataclass
-class UNetConfig:
-    in_channels: int = 4
-    out_channels: int = 4
-    channels: int = 320
-    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
-    res_blocks: int = 2
-    attention_levels: tuple[int, ...] = (0, 1, 2)  # levels whose blocks have a transformer
-    heads: int = 8
-    context_dim: int = 768
-    groups: int = 32
-
-    @property
-    def time_dim(self) -> int:
-        return 4 * self.channels
+from .configs import UNetConfig
 
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -73,16 +57,14 @@ class Attention(nn.Module):
         self.layer: int | None = None  # cross-attention layers get their number (0..15) from the UNet
 
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, _ = x.shape
-        return x.view(b, n, self.heads, -1).transpose(1, 2)
+        return rearrange(x, "b n (h d) -> b h n d", h=self.heads)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
                 hook: CrossAttentionHook | None = None) -> torch.Tensor:
         context = x if context is None else context
         q, k, v = self.split_heads(self.to_q(x)), self.split_heads(self.to_k(context)), self.split_heads(self.to_v(context))
         out = attention(q, k, v) if hook is None or self.layer is None else hook(self.layer, q, k, v)
-        b, _, n, _ = out.shape
-        return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
+        return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
 
 
 class GEGLU(nn.Module):
@@ -136,10 +118,27 @@ class SpatialTransformer(nn.Module):
         return x + self.proj_out(y.transpose(1, 2).reshape(b, c, h, w))
 
 
+class StridedConv2d(nn.Conv2d):
+    """A strided convolution that is right in bf16 on the CPU (the UNet's and the VAE's downsampling).
+
+    torch 2.14.1's CPU bf16 convolution with stride 2 returns garbage at small sizes on some CPUs:
+    errors up to ~1e37 or NaN, different bits on every call, e.g. 128 channels 4×2 → 2×1, or
+    1280 channels 3×2 → 2×1, which SD1.5 reaches at its third downsample of a 96×64 image. (This
+    fits oneDNN 3.12's AMX bf16 kernel, reported wrong for one-pixel-wide strided outputs,
+    pytorch#169688; CPUs without AMX get a correct kernel.) So on the CPU a bf16 input is
+    convolved in fp32 and rounded once to bf16: what a correct bf16 convolution gives (it
+    accumulates in fp32 too), the same bits on every call. CUDA and other dtypes take the plain path."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and x.dtype == torch.bfloat16:
+            return self._conv_forward(x.float(), self.weight.float(), self.bias.float()).to(x.dtype)
+        return super().forward(x)
+
+
 class Downsample(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
-        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.op = StridedConv2d(channels, channels, 3, stride=2, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.op(x)

@@ -1,28 +1,16 @@
 """The Stable Diffusion 1.5 VAE (KL autoencoder): images ↔ latents at 1/8 resolution.
 
 Module names are those of the original single-file checkpoints (``encoder.down.0.block.0``),
-like the UNet's; diffusers names are mapped to them in ``weights_convert/sd15.py``.
+like the UNet's; diffusers names are mapped to them in ``formats/sd15.py``.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .unet import Upsample  # the same nearest-neighbour ×2 + 3×3 convolution as the UNet's
-
-
-@dataclass
-class VAEConfig:
-    channels: int = 128
-    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
-    res_blocks: int = 2
-    latent_channels: int = 4
-    image_channels: int = 3
-    groups: int = 32
-    scaling_factor: float = 0.18215
+from .configs import VAEConfig
+from .unet import StridedConv2d, Upsample  # the UNet's: downsampling conv, nearest ×2 + 3×3 conv
 
 
 def group_norm(cfg: VAEConfig, channels: int) -> nn.GroupNorm:
@@ -77,7 +65,7 @@ class MidBlock(nn.Module):
 class Downsample(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
+        self.conv = StridedConv2d(channels, channels, 3, stride=2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.pad(x, (0, 1, 0, 1)))  # asymmetric padding, as SD was trained

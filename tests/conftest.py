@@ -5,6 +5,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import gc  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -18,14 +19,41 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny models: they run fastest on one thread, and on a busy shared machine
+    several OpenMP threads waiting for each other make them 10-100x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class Reference:
-    """Reference models with random weights, and where they were written as a diffusers folder."""
+    """Reference models with random weights, written as a diffusers folder.
+
+    The tiny ones stay in memory (``.unet``, ``.vae``, ``.text_encoder``). The full-size ones
+    (4.3 GB in fp32) do not: a session fixture holding them would hold them through every test.
+    Tests read a reference model back from the folder with ``load_unet()`` etc. (diffusers' and
+    transformers' from_pretrained), for as long as they need it."""
 
     def __init__(self, size: str, folder: Path):
         self.size = size
-        self.unet, self.vae, self.text_encoder = ref.make_unet(size), ref.make_vae(size), ref.make_text_encoder(size)
-        self.folder = ref.save_diffusers_folder(folder / "diffusers", self.unet, self.vae, self.text_encoder)
+        if size == ref.FULL:
+            self.folder = ref.write_diffusers_folder(folder / "diffusers", size)
+        else:
+            self.unet, self.vae, self.text_encoder = ref.make_unet(size), ref.make_vae(size), ref.make_text_encoder(size)
+            self.folder = ref.save_diffusers_folder(folder / "diffusers", self.unet, self.vae, self.text_encoder)
         self.tokenizer = ref.clip_tokenizer(folder / "tokenizer")
+
+    def load_unet(self):
+        return ref.load_unet(self.folder)
+
+    def load_vae(self):
+        return ref.load_vae(self.folder)
+
+    def load_text_encoder(self):
+        return ref.load_text_encoder(self.folder)
 
 
 @pytest.fixture(scope="session")
@@ -35,19 +63,26 @@ def tiny(tmp_path_factory) -> Reference:
 
 @pytest.fixture(scope="session")
 def full(tmp_path_factory) -> Reference:
-    """Full SD1.5 architecture (~1.1 G parameters): built once for the whole session."""
+    """Full SD1.5 architecture (~1.1 G parameters): written once for the whole session, kept as
+    files only."""
     return Reference(ref.FULL, tmp_path_factory.mktemp("full"))
 
 
 class ImageEncoderReference:
     """transformers' CLIPVisionModelWithProjection at full ViT-H/14 size with random weights,
-    saved as the release's image_encoder folder."""
+    saved as the release's image_encoder folder. The model (2.5 GB) is not kept: ``load()``
+    reads it back."""
 
     def __init__(self, folder: Path):
-        from ipadapter_min.image_encoder import ImageEncoderConfig
-        self.model = ref.random_hf_model(ImageEncoderConfig.vit_h_14())
+        from ipadapter_min.configs import ImageEncoderConfig
+        model = ref.random_hf_model(ImageEncoderConfig.vit_h_14())
         self.folder = folder / "image_encoder"
-        self.model.save_pretrained(self.folder)
+        model.save_pretrained(self.folder)
+        del model
+        gc.collect()
+
+    def load(self):
+        return ref.load_hf_image_encoder(self.folder)
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@ file formats, for parity tests. Test-only: this is where the oracles are importe
 from __future__ import annotations
 
 import functools
+import gc
 import gzip
 import json
 import math
@@ -13,7 +14,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from ipadapter_min.image_encoder import ImageEncoderConfig
+from ipadapter_min.configs import ImageEncoderConfig
 
 FULL = "full"
 TINY = "tiny"
@@ -60,12 +61,16 @@ def randomize_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
 
 def make_unet(size: str, seed: int = 0):
     from diffusers import UNet2DConditionModel
-    return randomize_(UNet2DConditionModel(**unet_kwargs(size)), seed).eval()
+    from diffusers.models.modeling_utils import no_init_weights
+    with no_init_weights():  # randomize_ sets every parameter: skip the (slow) default init
+        return randomize_(UNet2DConditionModel(**unet_kwargs(size)), seed).eval()
 
 
 def make_vae(size: str, seed: int = 1):
     from diffusers import AutoencoderKL
-    return randomize_(AutoencoderKL(**vae_kwargs(size)), seed).eval()
+    from diffusers.models.modeling_utils import no_init_weights
+    with no_init_weights():
+        return randomize_(AutoencoderKL(**vae_kwargs(size)), seed).eval()
 
 
 def make_text_encoder(size: str, seed: int = 2):
@@ -105,6 +110,52 @@ def save_diffusers_folder(folder: Path, unet, vae, text_encoder) -> Path:
     text_encoder.save_pretrained(folder / "text_encoder")
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
     return folder
+
+
+def write_diffusers_folder(folder: Path, size: str) -> Path:
+    """save_diffusers_folder with one model in memory at a time: each is built, written and dropped."""
+    for part, make in (("unet", make_unet), ("vae", make_vae), ("text_encoder", make_text_encoder)):
+        model = make(size)
+        model.save_pretrained(folder / part)
+        del model
+        gc.collect()
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    return folder
+
+
+def from_folder(cls, folder: Path):
+    """A reference model read back by its own library (diffusers' or transformers' from_pretrained),
+    every weight from the file: nothing missing (randomly initialised), unexpected or mis-shaped.
+    (Without accelerate, diffusers builds the model with its init functions skipped and copies
+    the file's tensors in; it warns each time unless told not to try.)"""
+    import importlib.util
+    kwargs = {}
+    if cls.__module__.startswith("diffusers."):
+        kwargs["low_cpu_mem_usage"] = importlib.util.find_spec("accelerate") is not None
+    model, info = cls.from_pretrained(folder, output_loading_info=True, **kwargs)
+    problems = {k: v for k, v in info.items() if k != "error_msgs" and v}
+    assert not problems and not info.get("error_msgs"), f"{folder}: {info}"
+    return model.eval()
+
+
+def load_unet(folder: Path):
+    from diffusers import UNet2DConditionModel
+    return from_folder(UNet2DConditionModel, folder / "unet")
+
+
+def load_vae(folder: Path):
+    from diffusers import AutoencoderKL
+    return from_folder(AutoencoderKL, folder / "vae")
+
+
+def load_text_encoder(folder: Path):
+    from transformers import CLIPTextModel
+    return from_folder(CLIPTextModel, folder / "text_encoder")
+
+
+def load_hf_image_encoder(folder: Path):
+    from transformers import CLIPVisionModelWithProjection
+    return from_folder(CLIPVisionModelWithProjection, folder)
 
 
 def diffusers_pipeline(unet, vae, text_encoder, tokenizer, image_encoder=None, feature_extractor=None):

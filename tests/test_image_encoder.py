@@ -2,13 +2,16 @@
 
 Weights are random but saved in the real format (``save_pretrained``: config.json +
 model.safetensors), then loaded through ``load_image_encoder`` directly and through the
-converter (``weights_convert.image_encoder``). One full-size ViT-H/14 model is made per module;
-the file takes ~25 s on 2 idle cores (~65 s when other jobs share them), most of it the random
+converter (``ipadapter_min.formats.image_encoder``). One full-size ViT-H/14 model is written per
+session (conftest's ``vit_h_reference``); the reference outputs come from it read back with
+``from_pretrained`` and dropped before ours are loaded, so one 2.5 GB model is in memory at a
+time (3.3 GB peak RSS for the file). The file takes ~25 s on 2 idle cores, most of it the random
 fill, save_pretrained and three batch-1 forward passes. Everything else uses tiny models or the
 meta device.
 """
 from __future__ import annotations
 
+import gc
 import json
 
 import pytest
@@ -22,22 +25,19 @@ from transformers import (
     CLIPVisionModelWithProjection,
 )
 
-from ipadapter_min.image_encoder import (  # noqa: E402
-    FORMAT,
-    ImageEncoderConfig,
-    preprocess,
-)
+from ipadapter_min.configs import ImageEncoderConfig  # noqa: E402
+from ipadapter_min.image_encoder import preprocess  # noqa: E402
 from ipadapter_min.loading import image_encoder_from_state_dict, load_image_encoder
 from reference_models import hf_config, random_hf_model, sample_images  # noqa: E402
-from weights_convert.files import CheckpointError, read_metadata  # noqa: E402
-from weights_convert.image_encoder import (  # noqa: E402
+from ipadapter_min.formats.files import CheckpointError, read_metadata  # noqa: E402
+from ipadapter_min.formats.image_encoder import (  # noqa: E402
+    FORMAT,
     config_from_transformers_json,
     config_from_transformers_shapes,
-    convert_image_encoder,
-    write_image_encoder,
     transformers_shapes,
     transformers_to_open_clip,
 )
+from weights_convert.convert import convert_image_encoder, write_image_encoder  # noqa: E402
 
 # fp32, both outputs. Measured: full ViT-H/14 image_embeds 3.3e-6, penultimate 1.6e-5 (its std
 # is 5.7); tiny 9e-7 / 1.8e-6. The directly loaded and the converted model give the same numbers.
@@ -78,7 +78,11 @@ def vit_h(vit_h_reference):
     shape = (cfg.width, cfg.layers, cfg.heads, cfg.mlp_width, cfg.patch_size, cfg.image_size, cfg.proj_dim)
     assert shape == (1280, 32, 16, 5120, 14, 224, 1024) and (cfg.act, cfg.layer_norm_eps) == ("gelu", 1e-5)
     pixels = preprocess(sample_images()[:1])
-    return vit_h_reference.folder, pixels, reference(vit_h_reference.model, pixels)
+    model = vit_h_reference.load()  # transformers' from_pretrained, dropped before ours are loaded
+    outputs = reference(model, pixels)
+    del model
+    gc.collect()
+    return vit_h_reference.folder, pixels, outputs
 
 
 def test_vit_h_parity_direct(vit_h):

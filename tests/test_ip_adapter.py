@@ -2,6 +2,7 @@
 diffusers (the oracle) with random weights written in the official file formats."""
 from __future__ import annotations
 
+import functools
 import types
 
 import pytest
@@ -10,16 +11,21 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import ipadapter_min.ip_adapter as ipa
+import kernel_spy
 from ipadapter_min.attention import attention
 from kernels import decoupled_attention, decoupled_attention_reference
-from ipadapter_min.image_projection import VIT_BIGG, VIT_H, detect_variant
-from ipadapter_min.ip_adapter import IPAdapterLayers, cfg_image_tokens, encode_images
+from ipadapter_min.configs import VIT_BIGG, VIT_H, ImageEncoderConfig
+from ipadapter_min.formats.ip_adapter import FORMAT, detect_variant
+from ipadapter_min.cfg import CFGBatch, per_row
+from ipadapter_min.image_encoder import preprocess
+from ipadapter_min.ip_adapter import IPAdapterLayers, encode_images, image_prompt_tokens, tokens_from_features
 from ipadapter_min.ip_layers import LAYERS, expand_scale
 from ipadapter_min.ip_pipeline import IPAdapterPipeline
-from ipadapter_min.loading import load_ip_adapter
-from reference_models import OFFICIAL_WIDTHS, official_state, projection_shapes, write_official
-from weights_convert.files import CheckpointError, read_metadata
-from weights_convert.ip_adapter import FORMAT, convert_ip_adapter, to_project_layout, write_ip_adapter
+from ipadapter_min.loading import ip_adapter_from_state_dict, load_image_encoder, load_ip_adapter
+from reference_models import (OFFICIAL_WIDTHS, official_state, projection_shapes, random_hf_model, sample_images,
+                              write_official)
+from ipadapter_min.formats.files import CheckpointError, read_metadata
+from weights_convert.convert import convert_ip_adapter, write_ip_adapter
 
 @pytest.fixture(scope="module")
 def states():
@@ -93,11 +99,10 @@ def test_several_images_concatenate_as_diffusers(states, mini_unet):
     g = torch.Generator().manual_seed(2)
     features, negative = torch.randn(2, 257, 1280, generator=g), torch.randn(2, 257, 1280, generator=g)
     with torch.no_grad():
-        got = cfg_image_tokens(adapter, features, negative, batch_size=2)
-        # the pipeline's order: [negative] * n then [positive] * n, each (1, images, ...)
-        want = theirs([torch.cat([negative[None], features[None]])])[0].repeat_interleave(2, dim=0)
-    assert got.shape == (4, 2 * 16, 768)
-    assert (got - want.reshape(4, 2 * 16, 768)).abs().max() <= 1e-5
+        positive, negative_tokens = tokens_from_features(adapter, features, negative)
+        want = theirs([torch.cat([negative[None], features[None]])])[0]  # (2, images, tokens, 768)
+    assert positive.shape == negative_tokens.shape == (1, 2 * 16, 768)
+    assert (torch.cat([negative_tokens, positive]) - want.reshape(2, 2 * 16, 768)).abs().max() <= 1e-5
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,7 +147,7 @@ def _flat(state):
     (lambda s: s.pop("image_proj.norm.bias"), "missing key 'image_proj.norm.bias'"),
     (lambda s: s.update({"ip_adapter.33.to_k_ip.weight": torch.zeros(320, 768)}), "'ip_adapter.33.to_k_ip.weight'"),
     (lambda s: s.update({"ip_adapter.1.to_k_lora.down.weight": torch.zeros(4, 320)}), "unexpected key"),
-    (lambda s: s.update({"image_proj.extra": torch.zeros(1)}), "unexpected key 'image_proj.extra'"),
+    (lambda s: s.update({"image_proj.extra": torch.zeros(1)}), "key 'image_proj.extra' is unexpected"),
     (lambda s: s.update({"ip_adapter.5.to_k_ip.weight": torch.zeros(320, 768)}),
      r"'ip_adapter.5.to_k_ip.weight' has shape \[320, 768\].*\[640, 768\]"),
     (lambda s: s.update({"ip_adapter.5.to_k_ip.weight": torch.zeros(640, 768, dtype=torch.int8)}), "floating-point"),
@@ -152,7 +157,7 @@ def test_bad_states_give_one_line_errors(edit, message, states):
     state = _flat(states["base"])
     edit(state)
     with pytest.raises(CheckpointError, match=message) as info:
-        to_project_layout(state, "/some/bad.bin")
+        ip_adapter_from_state_dict(state, "/some/bad.bin")
     assert str(info.value).startswith("/some/bad.bin: ") and "\n" not in str(info.value)
 
 
@@ -286,22 +291,36 @@ def small_layers():
 @pytest.mark.parametrize("zero", [0, 0.0, -0.0, torch.tensor(0.0), torch.tensor(-0.0),
                                   {"down": {"block_0": [0.0, 1.0]}}, [-0.0] + [1.0] * 15])
 def test_zero_scale_is_bit_identical_to_plain_attention(zero, small_layers, monkeypatch):
+    """λ = 0 in layer 0, in any form: plain attention's bits, and — dispatching as on an sm_80+ GPU,
+    where a call with image tokens takes the fused kernel (run here by the interpreter) — no kernel
+    launch. kernels.decoupled_attention short-circuits only a Python-number 0, not a 0-dim tensor
+    (that would sync), so a zero tensor λ must be caught by the hook."""
+    kernel_spy.dispatch_as_on_a_gpu(monkeypatch)
+    launches = kernel_spy.spy_on_kernel(monkeypatch)
     calls = []
     real = ipa.decoupled_attention
     monkeypatch.setattr(ipa, "decoupled_attention", lambda *a, **k: calls.append(len(a) + len(k)) or real(*a, **k))
-    tokens = torch.full((2, 4, 768), float("nan"))
-    hook = ipa.ImagePromptAttention(small_layers, tokens, zero)
+    nan = torch.full((1, 4, 768), float("nan"))
+    hook = ipa.ImagePromptAttention(small_layers, nan, nan, zero)
     q, k, v = _qkv()
     out = hook(0, q, k, v)
     assert torch.equal(out, attention(q, k, v)) and torch.equal(out, F.scaled_dot_product_attention(q, k, v))
     assert calls == [3] and not hook._kv  # no image tokens passed, none computed
+    assert len(launches) == 0, f"λ = {zero!r} launched the fused kernel"
+    # control: the same dispatch with λ ≠ 0 in this layer (finite tokens) does launch it, once
+    finite = torch.zeros(1, 4, 768)
+    control = ipa.ImagePromptAttention(small_layers, finite, finite, torch.tensor(0.5) if isinstance(zero, torch.Tensor)
+                                       else 0.5)
+    with torch.no_grad():  # the fused branch is for inference (the patched device check skips the grad test)
+        out = control(0, q, k, v)
+    assert len(launches) == 1 and launches.launches[0].out is out and launches.launches[0].lam == 0.5
 
 
 @pytest.mark.parametrize("scale", [1.0, 0.35, [0.5] * 16, {"mid": 0.8}])
 def test_hook_matches_direct_computation(scale, small_layers):
     g = torch.Generator().manual_seed(4)
-    tokens = torch.randn(2, 5, 768, generator=g)
-    hook = ipa.ImagePromptAttention(small_layers, tokens, scale)
+    tokens = torch.randn(2, 5, 768, generator=g)  # the default layout: row 0 unconditional, row 1 conditional
+    hook = ipa.ImagePromptAttention(small_layers, tokens[1:], tokens[:1], scale)
     q, k, v = _qkv()
     layer = 6
     lam = expand_scale(scale)[layer]
@@ -314,34 +333,34 @@ def test_hook_matches_direct_computation(scale, small_layers):
         want = F.scaled_dot_product_attention(q, k, v) + lam * F.scaled_dot_product_attention(q, ki, vi)
     assert torch.equal(out, again) and set(hook._kv) == {layer}
     assert (out - want).abs().max() <= 1e-6
-    with pytest.raises(ValueError, match="batch"):
-        hook(layer, *_qkv(batch=4))
+    with pytest.raises(ValueError, match="batch 3"):
+        hook(layer, *_qkv(batch=3))
     hook.set_scale(0.0)
     assert torch.equal(hook(layer, q, k, v), F.scaled_dot_product_attention(q, k, v))
 
 
 def test_hook_and_pipeline_take_the_reference_attention(small_layers, monkeypatch):
     """``reference_attention`` (the CLI's --reference-attention) reaches the hook: every image
-    layer then runs diffusers' two-SDPA computation instead of kernels.decoupled_attention."""
-    calls = []
-
-    def spy(*args):
-        calls.append(args[3].shape)
-        return decoupled_attention_reference(*args)
-
-    tokens = torch.randn(2, 5, 768, generator=torch.Generator().manual_seed(5))
+    layer then runs diffusers' two-SDPA computation instead of kernels.decoupled_attention. Checked
+    where the two differ: dispatching as on an sm_80+ GPU (the fused kernel runs through the
+    interpreter), the reference hook launches no kernel and the default hook launches it once."""
+    kernel_spy.dispatch_as_on_a_gpu(monkeypatch)
+    launches = kernel_spy.spy_on_kernel(monkeypatch)
+    tokens = torch.randn(2, 1, 5, 768, generator=torch.Generator().manual_seed(5))
     q, k, v = _qkv()
     with torch.no_grad():
-        out = ipa.ImagePromptAttention(small_layers, tokens, 0.5, attention=spy)(6, q, k, v)
-        default = ipa.ImagePromptAttention(small_layers, tokens, 0.5)(6, q, k, v)
-    assert calls == [(2, HEADS, 5, HEAD_DIM)]
-    assert torch.equal(out, default)  # on CPU the default path is the same two-SDPA computation
+        out = ipa.ImagePromptAttention(small_layers, *tokens, 0.5, attention=decoupled_attention_reference)(6, q, k, v)
+        assert len(launches) == 0, "reference_attention launched the fused kernel"
+        default = ipa.ImagePromptAttention(small_layers, *tokens, 0.5)(6, q, k, v)
+    (launch,) = launches.launches  # the default took the fused kernel, once, and returned its output
+    assert launch.out is default and launch.lam == 0.5
+    assert (out - default).abs().max() <= 1e-5  # the same attention, computed two ways
 
     hooks = []
     pipe = IPAdapterPipeline.__new__(IPAdapterPipeline)  # no models: only the wiring is under test
-    pipe.adapter = types.SimpleNamespace(hook=lambda tokens, scale, attention: hooks.append(attention))
+    pipe.adapter = types.SimpleNamespace(hook=lambda positive, negative, scale, attention: hooks.append(attention))
     pipe.sd = lambda *args, **kwargs: []
-    monkeypatch.setattr(pipe, "image_tokens", lambda *args: tokens, raising=False)
+    monkeypatch.setattr(pipe, "image_tokens", lambda *args: tuple(tokens), raising=False)
     pipe("", ["image"], reference_attention=True)
     pipe("", ["image"])
     assert hooks == [decoupled_attention_reference, decoupled_attention]
@@ -359,7 +378,8 @@ def test_hook_matches_diffusers_processor():
     proc.to_v_ip[0].weight.data.copy_(layers[13].to_v_ip.weight)
     attn.set_processor(proc)
     x, text, images = torch.randn(2, 64, 320), torch.randn(2, 77, 768), torch.randn(2, 2, 4, 768)
-    hook = ipa.ImagePromptAttention(layers, images.reshape(2, 8, 768), {"up": {"block_3": [0.7, 0, 0]}})
+    negative, positive = images.reshape(2, 1, 8, 768)  # diffusers' batch: the unconditional row first
+    hook = ipa.ImagePromptAttention(layers, positive, negative, {"up": {"block_3": [0.7, 0, 0]}})
     split = lambda t: t.view(2, t.shape[1], 8, 40).transpose(1, 2)  # noqa: E731
     with torch.no_grad():
         want = attn(x, encoder_hidden_states=(text, [images]))
@@ -369,53 +389,63 @@ def test_hook_matches_diffusers_processor():
 
 
 # ---------------------------------------------------------------------------------------------
-# Encoder outputs → CFG tokens
-
-
-class FakeEncoder(torch.nn.Module):
-    """encoder(pixels) -> (image_embeds, penultimate), nonzero for zero pixels."""
-
-    def __init__(self, embed: int = 1024, width: int = 1280):
-        super().__init__()
-        self.bias = torch.nn.Parameter(torch.linspace(-1, 1, width))
-        self.embed, self.seen = embed, []
-
-    def forward(self, pixels):
-        self.seen.append(pixels.clone())
-        s = pixels.flatten(1).mean(1)[:, None, None]
-        penultimate = s * torch.ones(1, 257, self.bias.numel()) + self.bias
-        return penultimate[:, 0, :self.embed] * 2 + 1, penultimate
+# Reference images → positive and negative tokens vs diffusers' pipeline
 
 
 def _adapter(state):
-    tensors, spec = to_project_layout(_flat(state))
-    with torch.device("meta"):
-        adapter = ipa.IPAdapter(spec)
-    adapter.load_state_dict({k: v.float() for k, v in tensors.items()}, assign=True)
-    return adapter
+    return ip_adapter_from_state_dict(_flat(state))
 
 
-def test_cfg_tokens_base_and_plus(states):
-    pixels = torch.randn(2, 3, 224, 224)
-    base = _adapter(states["base"])
+@pytest.fixture(scope="module")
+def small_vit_h(tmp_path_factory):
+    """transformers' CLIPVisionModelWithProjection (random weights) and ours loaded from its folder.
+    ViT-H's widths, which the adapters read (1024-wide embedding, 1280-wide hidden states), but 2
+    layers: ImageEncoderConfig.tiny() is too narrow for them."""
+    model = random_hf_model(ImageEncoderConfig(layers=2, mlp_width=512), seed=7)
+    folder = tmp_path_factory.mktemp("small_vit_h")
+    model.save_pretrained(folder)
+    return model, load_image_encoder(folder)
+
+
+@pytest.mark.parametrize("variant", ["base", "plus"])
+def test_negative_and_positive_tokens_match_diffusers(variant, states, mini_unet, small_vit_h):
+    """diffusers' StableDiffusionPipeline.prepare_ip_adapter_image_embeds (its encode_image makes
+    the negative features: a zero embedding for base, the penultimate states of all-zero pixels for
+    plus) and its image projection, against image_prompt_tokens for two reference images, laid out
+    by the pipeline's CFG batch. fp32; measured max abs error ~5e-6 (token std 1)."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers.models.embeddings import MultiIPAdapterImageProjection
+    hf, encoder = small_vit_h
+    state = states[variant]
+    projection = UNet2DConditionModel._convert_ip_adapter_image_proj_to_diffusers(
+        mini_unet, {k: v.float() for k, v in state["image_proj"].items()}, low_cpu_mem_usage=False)
+    reference = types.SimpleNamespace(image_encoder=hf, unet=types.SimpleNamespace(
+        encoder_hid_proj=MultiIPAdapterImageProjection([projection])))
+    reference.encode_image = functools.partial(StableDiffusionPipeline.encode_image, reference)
+    pixels = preprocess(sample_images()[:2])
+    copies = 2
     with torch.no_grad():
-        tokens = ipa.image_prompt_tokens(base, FakeEncoder(), pixels, batch_size=3)
-        embeds = FakeEncoder()(pixels)[0]
-        assert tokens.shape == (6, 8, 768)
-        assert torch.equal(tokens[:3], base(torch.zeros(2, 1024)).reshape(1, 8, 768).expand(3, -1, -1))
-        assert torch.allclose(tokens[3:], base(embeds).reshape(1, 8, 768).expand(3, -1, -1))
-        avg = cfg_image_tokens(base, embeds, combine="average", weights=[1, 3], guidance=False)
-        assert avg.shape == (1, 4, 768)
-        assert torch.allclose(avg, base(0.25 * embeds[:1] + 0.75 * embeds[1:]), atol=1e-6)
+        embeds = StableDiffusionPipeline.prepare_ip_adapter_image_embeds(reference, [pixels], None, "cpu", copies, True)
+        want = reference.unet.encoder_hid_proj(embeds)[0]  # (2·copies, images, tokens, 768)
+        positive, negative = image_prompt_tokens(_adapter(state), encoder, pixels)
+    want = want.reshape(2 * copies, -1, 768)
+    got = per_row(CFGBatch(copies, guided=True).rows, positive, negative)
+    errors = [(got[i] - want[i]).abs().max().item() for i in range(2 * copies)]
+    print(f"{variant}: max abs error per row {['%.1e' % e for e in errors]}")
+    assert got.shape == want.shape and max(errors) <= 1e-5
+    assert (positive - negative).abs().max() > 1  # the negative rows are not the positive ones
 
-        plus, encoder = _adapter(states["plus"]), FakeEncoder()
-        features, negative = encode_images(encoder, pixels, plus.spec)
-        assert torch.equal(encoder.seen[-1], torch.zeros(1, 3, 224, 224))  # all-zero normalized pixels
-        assert torch.equal(negative, encoder(torch.zeros(2, 3, 224, 224))[1])
-        tokens = cfg_image_tokens(plus, features, negative)
-        assert tokens.shape == (2, 32, 768)
-        assert torch.allclose(tokens[:1], plus(negative).reshape(1, 32, 768))
+
+def test_average_combine_and_errors(states, small_vit_h):
+    _, encoder = small_vit_h
+    base, plus = _adapter(states["base"]), _adapter(states["plus"])
+    embeds = torch.randn(2, 1024, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        positive, negative = tokens_from_features(base, embeds, combine="average", weights=[1, 3])
+        assert positive.shape == negative.shape == (1, 4, 768)
+        assert torch.allclose(positive, base(0.25 * embeds[:1] + 0.75 * embeds[1:]), atol=1e-6)
+        assert torch.equal(negative, base(torch.zeros(1, 1024)))
     with pytest.raises(ValueError, match="negative_features"):
-        cfg_image_tokens(plus, features)
-    with pytest.raises(ValueError, match="width"):
-        encode_images(FakeEncoder(width=1024), pixels, plus.spec)
+        tokens_from_features(plus, torch.zeros(1, 257, 1280))
+    with pytest.raises(ValueError, match="width 1280, the encoder gave width 1024"):  # vit-G wants ViT-bigG's embedding
+        encode_images(encoder, torch.zeros(1, 3, 224, 224), _adapter(states["vit-g"]).spec)

@@ -3,7 +3,13 @@ the official file formats, against diffusers' ``load_ip_adapter`` + StableDiffus
 DDIM and the same seed. fp32, CPU. Tolerance: 2/255 per pixel.
 
 Small images (128×128) and 3 steps keep it affordable on 2 cores; the architecture is full size.
+
+Memory: one full-size set of models at a time (SD1.5 + ViT-H/14 is 6.8 GB in fp32). diffusers'
+images for every case are made first, from reference models read back from the folders and then
+dropped; each test then loads ours, and drops them when it ends.
 """
+import gc
+
 import numpy as np
 import pytest
 import torch
@@ -26,20 +32,19 @@ def adapters(tmp_path_factory):
     return folder
 
 
-@pytest.fixture(scope="module")
-def ours(full, vit_h_reference):
+def load_ours(full, vit_h_reference):
     models = load_sd15(full.folder)
     encoder = load_image_encoder(vit_h_reference.folder)
     return StableDiffusion(models["unet"], models["vae"], models["text_encoder"]), encoder
 
 
 @pytest.fixture(scope="module")
-def base_images(ours):
-    """The image each prompt gives without an image prompt, made once per prompt."""
-    sd, _ = ours
+def base_images():
+    """The image each prompt gives without an image prompt, made once per prompt (with the
+    models the asking test has loaded)."""
     cache = {}
 
-    def image(prompt: str) -> np.ndarray:
+    def image(sd: StableDiffusion, prompt: str) -> np.ndarray:
         if prompt not in cache:
             out = sd(prompt, steps=STEPS, seed=SEED, width=SIZE, height=SIZE, progress=False)[0]
             cache[prompt] = np.asarray(out).astype(np.int16)
@@ -52,10 +57,10 @@ def reference_images():
     return ref.sample_images()[:2]
 
 
-def diffusers_images(full, vit_h_reference, adapters, variant, prompt, images, scale, negative=""):
+def diffusers_images(models, tokenizer, adapters, variant, prompt, images, scale, negative=""):
     from transformers import CLIPImageProcessor
-    pipe = ref.diffusers_pipeline(full.unet, full.vae, full.text_encoder, full.tokenizer,
-                                  image_encoder=vit_h_reference.model, feature_extractor=CLIPImageProcessor())
+    pipe = ref.diffusers_pipeline(models["unet"], models["vae"], models["text_encoder"], tokenizer,
+                                  image_encoder=models["image_encoder"], feature_extractor=CLIPImageProcessor())
     pipe.set_progress_bar_config(disable=True)
     pipe.load_ip_adapter(str(adapters), subfolder="", weight_name=FILES[variant])
     try:
@@ -63,7 +68,7 @@ def diffusers_images(full, vit_h_reference, adapters, variant, prompt, images, s
         out = pipe(prompt, negative_prompt=negative, ip_adapter_image=[images], num_inference_steps=STEPS,
                    width=SIZE, height=SIZE, generator=torch.Generator("cpu").manual_seed(SEED)).images[0]
     finally:
-        pipe.unload_ip_adapter()  # the reference UNet is shared with other tests
+        pipe.unload_ip_adapter()  # the reference UNet serves every case
     return np.asarray(out).astype(np.int16)
 
 
@@ -73,20 +78,41 @@ CASES = [
     ("plus", "a watercolor painting", 1, {"down": {"block_2": [0.0, 1.0]}, "up": {"block_1": [0.0, 1.0, 0.0]}}),
     ("plus", "", 2, 1.0),
 ]
+IDS = ["base-image-only", "base-text+2-images", "plus-text+per-block", "plus-2-images"]
+
+
+@pytest.fixture(scope="module")
+@torch.no_grad()
+def diffusers_results(request, full, vit_h_reference, adapters, reference_images) -> dict[str, np.ndarray]:
+    """diffusers' image for each selected case of test_matches_diffusers (by id), all from one set
+    of reference models read back from the folders, which are dropped before any test loads ours."""
+    selected = {item.callspec.id for item in request.session.items
+                if getattr(item, "originalname", None) == "test_matches_diffusers" and item.module is request.module}
+    models = dict(unet=full.load_unet(), vae=full.load_vae(), text_encoder=full.load_text_encoder(),
+                  image_encoder=vit_h_reference.load())
+    results = {}
+    for case_id, (variant, prompt, count, scale) in zip(IDS, CASES):
+        if case_id in selected:
+            results[case_id] = diffusers_images(models, full.tokenizer, adapters, variant, prompt,
+                                                reference_images[:count], scale)
+    del models
+    gc.collect()
+    return results
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("variant,prompt,count,scale", CASES,
-                         ids=["base-image-only", "base-text+2-images", "plus-text+per-block", "plus-2-images"])
-def test_matches_diffusers(full, vit_h_reference, adapters, ours, base_images, reference_images, variant, prompt, count,
-                           scale):
-    sd, encoder = ours
+@pytest.mark.parametrize("variant,prompt,count,scale", CASES, ids=IDS)
+def test_matches_diffusers(request, full, vit_h_reference, adapters, diffusers_results, base_images, reference_images,
+                           variant, prompt, count, scale):
+    sd, encoder = load_ours(full, vit_h_reference)
     pipe = IPAdapterPipeline(sd, load_ip_adapter(adapters / FILES[variant]), encoder)
     images = reference_images[:count]
     mine = np.asarray(pipe(prompt, images, scale=scale, steps=STEPS, seed=SEED, width=SIZE, height=SIZE,
                            progress=False)[0]).astype(np.int16)
-    theirs = diffusers_images(full, vit_h_reference, adapters, variant, prompt, images, scale)
-    base = base_images(prompt)
+    theirs = diffusers_results[request.node.callspec.id]
+    base = base_images(sd, prompt)
+    del sd, encoder, pipe
+    gc.collect()
     diff = np.abs(mine - theirs).max()
     print(f"{variant} {prompt!r} {count} image(s) λ={scale}: max pixel difference {diff}/255, "
           f"mean change from the image prompt {np.abs(mine - base).mean():.1f}")

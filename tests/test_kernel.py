@@ -26,10 +26,12 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import kernel_spy
 from kernels import decoupled_attention, decoupled_attention_reference, decoupled_attention_triton
 
 REPO = Path(__file__).resolve().parents[1]
 HAS_CUDA = torch.cuda.is_available()
+FUSED_GPU = HAS_CUDA and torch.cuda.get_device_capability() >= (8, 0)  # the dispatcher's own condition
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 TOL = {
     torch.float32: dict(atol=1e-5, rtol=1e-5),
@@ -85,6 +87,29 @@ def make_inputs(B, H, Lq, Lt, Li, D, dtype, seed, layout="unet"):
     gen = torch.Generator().manual_seed(seed)
     mk = unet_layout if layout == "unet" else contiguous_layout
     return tuple(mk(B, L, H, D, dtype, gen) for L in (Lq, Lt, Lt, Li, Li))
+
+
+@pytest.fixture
+def launches(monkeypatch) -> kernel_spy.KernelLaunches:
+    """Every launch of the fused Triton kernel during the test (tests/kernel_spy.py)."""
+    return kernel_spy.spy_on_kernel(monkeypatch)
+
+
+@pytest.fixture(params=["this machine"] + ([] if HAS_CUDA else ["as on an sm_80+ GPU"]))
+def dispatch(request, monkeypatch) -> str:
+    """Dispatch as this machine does and, on a machine without CUDA, once more with the device
+    check answering as on an sm_80+ GPU, so that the fused branch runs through the interpreter.
+    Returns the branch that a supported call with image tokens and λ ≠ 0 takes."""
+    if request.param != "this machine":
+        kernel_spy.dispatch_as_on_a_gpu(monkeypatch)
+        return "fused"
+    return "fused" if FUSED_GPU else "reference"
+
+
+def assert_launched_on(launch: kernel_spy.Launch, inputs, out) -> None:
+    """The kernel read the caller's very tensors (no copies, in order) and wrote the result."""
+    assert all(a is b for a, b in zip(launch.inputs, inputs)), "kernel got copies or a wrong order"
+    assert launch.out is out, "the result is not the buffer the kernel wrote"
 
 
 # ----------------------------------------------------------------------------- numerics
@@ -143,7 +168,7 @@ def test_sd15_head_dims_and_token_counts(D, Li):
 
 # ----------------------------------------------------------------------------- layouts
 
-def test_strided_unet_layout_without_copies(monkeypatch):
+def test_strided_unet_layout_without_copies(monkeypatch, launches):
     """q, k, v as views of (B, L, H·D + pad) buffers (row stride not a multiple of 8), image
     tokens broadcast over the batch with stride 0: read through strides, no copy, and the
     output keeps q's (B, L, H, D) memory layout."""
@@ -159,7 +184,9 @@ def test_strided_unet_layout_without_copies(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "contiguous", no_copies)
     monkeypatch.setattr(torch.Tensor, "clone", no_copies)
     out = decoupled_attention_triton(q, kt, vt, ki, vi, 0.6)
+    (launch,) = launches.launches
     monkeypatch.undo()
+    assert_launched_on(launch, (q, kt, vt, ki, vi), out)
     assert_close_to(out, reference64(q, kt, vt, ki, vi, 0.6), torch.float32, "strided")
 
     q2, kt2, vt2, ki2, vi2 = make_inputs(B, H, Lq, Lt, Li, D, torch.float16, seed=1)
@@ -170,23 +197,35 @@ def test_strided_unet_layout_without_copies(monkeypatch):
 
 # ----------------------------------------------------------------------------- λ
 
-def test_lambda_zero_gives_text_only_attention():
+def test_lambda_zero_gives_text_only_attention(launches, dispatch):
     q, kt, vt, ki, vi = make_inputs(1, 2, 40, 77, 16, 80, torch.float32, seed=2)
     out = decoupled_attention_triton(q, kt, vt, ki, vi, 0.0)
+    assert len(launches) == 1  # the kernel itself handles λ = 0 ...
     assert_close_to(out, attention64(q, kt, vt), torch.float32, "λ=0 kernel")
-    # through the public entry point, λ = 0 is the base model's SDPA, bit for bit
-    assert torch.equal(decoupled_attention(q, kt, vt, ki, vi, scale=0.0),
-                       F.scaled_dot_product_attention(q, kt, vt))
-    assert torch.equal(decoupled_attention(q, kt, vt, ki, vi, scale=0),
-                       F.scaled_dot_product_attention(q, kt, vt))
+    # ... but through the public entry point a Python λ = 0 never reaches it: the base model's
+    # SDPA, bit for bit, even where the fused branch is taken for λ ≠ 0
+    for zero in (0.0, 0, -0.0):
+        assert torch.equal(decoupled_attention(q, kt, vt, ki, vi, scale=zero),
+                           F.scaled_dot_product_attention(q, kt, vt)), zero
+    assert len(launches) == 1, "λ = 0 launched the fused kernel"
+    # control: the same call with λ ≠ 0 does launch it where the dispatch is fused
+    decoupled_attention(q, kt, vt, ki, vi, scale=0.5)
+    assert len(launches) == (2 if dispatch == "fused" else 1)
 
 
 @pytest.mark.parametrize("lam_dtype", [torch.float32, torch.float16, torch.float64])
-def test_lambda_as_0dim_tensor(lam_dtype):
+def test_lambda_as_0dim_tensor(lam_dtype, launches):
     q, kt, vt, ki, vi = make_inputs(2, 1, 30, 77, 4, 40, torch.float16, seed=3)
     lam = torch.tensor(0.625, dtype=lam_dtype, device=q.device)  # exact in every dtype
     by_tensor = decoupled_attention_triton(q, kt, vt, ki, vi, lam)
     by_float = decoupled_attention_triton(q, kt, vt, ki, vi, 0.625)
+    # the tensor went to the kernel as a pointer (read on the device, no host sync), the float
+    # as a value
+    tensor_launch, float_launch = launches.launches
+    assert tensor_launch.kwargs["LAM_IS_PTR"] and isinstance(tensor_launch.lam, torch.Tensor)
+    assert tensor_launch.lam.shape == () and tensor_launch.lam.device == q.device
+    assert not float_launch.kwargs["LAM_IS_PTR"] and float_launch.lam == 0.625
+    assert_close_to(by_tensor, reference64(q, kt, vt, ki, vi, 0.625), torch.float16, "λ tensor")
     assert torch.equal(by_tensor, by_float)
     zero = decoupled_attention_triton(q, kt, vt, ki, vi, torch.tensor(0.0))
     assert_close_to(zero, attention64(q, kt, vt), torch.float16, "λ tensor 0")
@@ -237,7 +276,7 @@ def test_rejects_bad_inputs():
 
 # ----------------------------------------------------------------------------- dispatch
 
-def test_no_image_tokens_is_exactly_sdpa():
+def test_no_image_tokens_is_exactly_sdpa(launches, dispatch):
     q, kt, vt, ki, vi = make_inputs(2, 2, 40, 77, 4, 40, torch.float32, seed=8)
     sdpa = F.scaled_dot_product_attention(q, kt, vt)
     assert torch.equal(decoupled_attention(q, kt, vt), sdpa)
@@ -246,16 +285,42 @@ def test_no_image_tokens_is_exactly_sdpa():
     for dt in (torch.float16, torch.bfloat16):
         q2, kt2, vt2 = (t.to(dt) for t in (q, kt, vt))
         assert torch.equal(decoupled_attention(q2, kt2, vt2), F.scaled_dot_product_attention(q2, kt2, vt2))
+    assert len(launches) == 0, "plain attention launched the fused kernel"
+    # control: with image tokens the same dispatch does launch it where it is fused
+    decoupled_attention(q, kt, vt, ki, vi, 0.7)
+    assert len(launches) == (1 if dispatch == "fused" else 0)
+
+
+@pytest.mark.skipif(HAS_CUDA and not FUSED_GPU, reason="a pre-sm_80 GPU has no fused branch")
+def test_fused_dispatch_passes_the_inputs_through(launches, monkeypatch):
+    """Where the dispatcher takes the fused branch (a GPU, or here the interpreter with the device
+    check answered as on one): one launch, on the caller's tensors in order, its output returned,
+    numerically the decoupled attention. A tensor λ — even 0 — is not inspected (no host sync) and
+    goes to the kernel too."""
+    if not HAS_CUDA:
+        kernel_spy.dispatch_as_on_a_gpu(monkeypatch)
+    q, kt, vt, ki, vi = make_inputs(2, 2, 33, 77, 16, 40, torch.float32, seed=11)
+    # distinct text and image lengths and values: swapped arguments would not go unnoticed
+    out = decoupled_attention(q, kt, vt, ki, vi, 0.8)
+    (launch,) = launches.launches
+    assert_launched_on(launch, (q, kt, vt, ki, vi), out)
+    assert launch.lam == 0.8
+    assert_close_to(out, reference64(q, kt, vt, ki, vi, 0.8), torch.float32, "fused dispatch")
+    out0 = decoupled_attention(q, kt, vt, ki, vi, torch.tensor(0.0, device=q.device))
+    assert len(launches) == 2 and launches.launches[1].kwargs["LAM_IS_PTR"]
+    assert_close_to(out0, attention64(q, kt, vt), torch.float32, "fused dispatch, λ tensor 0")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_cpu_dispatch_is_the_two_sdpa_reference_bit_for_bit(dtype):
+def test_cpu_dispatch_is_the_two_sdpa_reference_bit_for_bit(dtype, launches):
     gen = torch.Generator().manual_seed(9)
     q, kt, vt, ki, vi = (torch.randn(2, 2, L, 40, generator=gen).to(dtype) for L in (33, 77, 77, 16, 16))
     for lam in (0.7, torch.tensor(0.7)):
+        # diffusers' IPAdapterAttnProcessor2_0, op for op: hidden_states + scale * ip_hidden_states
         expected = F.scaled_dot_product_attention(q, kt, vt) + lam * F.scaled_dot_product_attention(q, ki, vi)
         assert torch.equal(decoupled_attention(q, kt, vt, ki, vi, lam), expected)
         assert torch.equal(decoupled_attention_reference(q, kt, vt, ki, vi, lam), expected)
+    assert len(launches) == 0, "CPU dispatch launched the fused kernel"
     # the reference path keeps autograd (training the adapter goes through it)
     ki.requires_grad_(True)
     decoupled_attention(q, kt, vt, ki, vi, 0.7).float().sum().backward()
@@ -278,17 +343,19 @@ def test_importing_kernels_and_cpu_dispatch_do_not_import_triton():
     assert r.returncode == 0, r.stderr[-2000:]
 
 
-@pytest.mark.skipif(not HAS_CUDA, reason="CUDA dispatch needs a GPU")
-def test_cuda_dispatch_uses_the_fused_kernel():
+@pytest.mark.skipif(not FUSED_GPU, reason="CUDA dispatch to the kernel needs an sm_80+ GPU")
+def test_cuda_dispatch_uses_the_fused_kernel(launches):
     q, kt, vt, ki, vi = make_inputs(2, 8, 4096, 77, 16, 40, torch.float16, seed=10)
     out = decoupled_attention(q, kt, vt, ki, vi, 0.8)
-    assert torch.equal(out, decoupled_attention_triton(q, kt, vt, ki, vi, 0.8))
+    (launch,) = launches.launches
+    assert_launched_on(launch, (q, kt, vt, ki, vi), out)
     assert out.stride() == q.stride()
     assert_close_to(out, reference64(q, kt, vt, ki, vi, 0.8), torch.float16, "cuda dispatch")
-    # gradients needed → the differentiable reference path
+    # gradients needed → the differentiable reference path, no launch
     ki.requires_grad_(True)
     out = decoupled_attention(q, kt, vt, ki, vi, 0.8)
     assert out.grad_fn is not None
+    assert len(launches) == 1, "a call needing gradients launched the kernel (it has no backward)"
 
 
 # ----------------------------------------------------------------------------- GPU compile

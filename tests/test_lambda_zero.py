@@ -6,11 +6,15 @@ device the machine has (CPU, plus CUDA when available), a UNet called with an ad
 is zero — in any of its forms: 0, 0.0, -0.0, 0-d tensors of any dtype, a list of 16 zeros, a
 per-block dict of zeros, an empty dict — returns exactly the base UNet's bits. "Exactly" means
 the raw bits (an integer view), so -0.0 vs +0.0 and NaN payloads count. The image tokens hold
-NaN, ±inf and -0.0 (λ = 0 must not look at them); text tokens and latents hold -0.0 entries.
-The same holds for the whole DDIM loop with CFG (``StableDiffusion.denoise``) and for
+NaN, ±inf and -0.0 (λ = 0 must not look at them); text tokens and latents hold -0.0 entries;
+the batch's rows are conditional or unconditional in any layout (``hook.rows``). The same holds for the whole DDIM loop with CFG (``StableDiffusion.denoise``) and for
 ``StableDiffusion.__call__`` with a tiny text encoder and VAE.
 
 Controls show each comparison can fail: a nonzero λ on a single layer changes the output bits.
+
+Which path ran is checked on the fused kernel's launches (tests/kernel_spy.py), dispatching as on
+an sm_80+ GPU (``fused_dispatch``): a λ = 0 call launches nothing, and each layer with λ ≠ 0
+launches the kernel once (the interpreter runs it; only the tiny focused test does, to stay fast).
 """
 from __future__ import annotations
 
@@ -24,15 +28,16 @@ import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+import kernel_spy
 from ipadapter_min.attention import attention
-from ipadapter_min.image_projection import VIT_H, AdapterSpec
-from ipadapter_min.ip_adapter import IPAdapter, IPAdapterLayers, ImagePromptAttention, cfg_image_tokens
+from ipadapter_min.configs import VIT_H, AdapterSpec, TextEncoderConfig, UNetConfig, VAEConfig
+from ipadapter_min.ip_adapter import IPAdapter, IPAdapterLayers, ImagePromptAttention, tokens_from_features
 from ipadapter_min.ip_layers import expand_scale
-from ipadapter_min.pipeline import StableDiffusion, cfg_batch
-from ipadapter_min.text_encoder import TextEncoder, TextEncoderConfig
+from ipadapter_min.pipeline import StableDiffusion
+from ipadapter_min.text_encoder import TextEncoder
 from ipadapter_min.tokenizer import Tokenizer
-from ipadapter_min.unet import UNet, UNetConfig
-from ipadapter_min.vae import VAE, VAEConfig
+from ipadapter_min.unet import UNet
+from ipadapter_min.vae import VAE
 
 DEVICES = [pytest.param("cpu"),
            pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))]
@@ -42,15 +47,9 @@ PROPERTY = settings(derandomize=True, deadline=None, database=None, print_blob=F
 
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These tiny models run fastest on one thread, and on a busy shared machine several OpenMP
-    threads waiting for each other make them 10-100x slower. (Base and hooked runs always share
-    the thread count, so it does not bear on the property.)"""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models (conftest.one_thread). Base and hooked runs always share the thread count, so it
+# does not bear on the property.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -248,6 +247,16 @@ class ProjectionCalls:
             h.remove()
 
 
+@contextlib.contextmanager
+def fused_dispatch():
+    """Inside: ``kernels.decoupled_attention`` takes its fused branch for CPU tensors too, as on an
+    sm_80+ GPU (the Triton interpreter runs the kernel), and every kernel launch is recorded.
+    A context manager, not the ``monkeypatch`` fixture, so that hypothesis tests can use it."""
+    with pytest.MonkeyPatch.context() as mp:
+        kernel_spy.dispatch_as_on_a_gpu(mp)
+        yield kernel_spy.spy_on_kernel(mp)
+
+
 def grad_mode(mode: str):
     return {"no_grad": torch.no_grad, "inference": torch.inference_mode, "grad": contextlib.nullcontext}[mode]()
 
@@ -260,20 +269,21 @@ def grad_mode(mode: str):
 @pytest.mark.parametrize("dtype", DTYPES)
 @settings(PROPERTY, max_examples=12)
 @given(config=unet_configs(), layers_dtype=st.sampled_from(["unet", torch.float32]),
-       token_width=st.sampled_from(TOKEN_WIDTHS), batch=st.integers(1, 3),
+       token_width=st.sampled_from(TOKEN_WIDTHS), rows=st.lists(st.booleans(), min_size=1, max_size=3),
        hw=st.sampled_from([(8, 8), (16, 8), (8, 16)]), text_len=st.integers(1, 9), image_len=st.integers(1, 6),
        per_row_t=st.booleans(), t=st.integers(0, 999), seed=st.integers(0, 2**31 - 1),
        fraction=st.sampled_from([0.0, 0.05, 0.3, 1.0]), zero=zero_scales,
        used_before=st.booleans(), mode=st.sampled_from(["no_grad", "inference", "grad"]))
-def test_unet_with_zero_lambda_hook_is_bit_identical(device, config, dtype, layers_dtype, token_width, batch, hw,
+def test_unet_with_zero_lambda_hook_is_bit_identical(device, config, dtype, layers_dtype, token_width, rows, hw,
                                                       text_len, image_len, per_row_t, t, seed, fraction, zero,
                                                       used_before, mode):
+    batch = len(rows)
     unet = small_unet(*config, dtype, device)
     layers = adapter_layers(tuple(widths_of(unet)), token_width, dtype if layers_dtype == "unet" else layers_dtype,
                             device)
     x = latents_like((batch, 4, *hw), dtype, seed, fraction).to(device)
     context = text_tokens((batch, text_len, config[3]), dtype, seed + 1, fraction).to(device)
-    tokens = image_tokens((batch, image_len, token_width), dtype, seed + 2, max(fraction, 0.05)).to(device)
+    positive, negative = image_tokens((2, 1, image_len, token_width), dtype, seed + 2, max(fraction, 0.05)).to(device)
     timestep = (torch.arange(batch) * 97 + t) % 1000 if per_row_t else torch.tensor(t)
     timestep = timestep.to(device)
     scale, strict = zero
@@ -284,16 +294,17 @@ def test_unet_with_zero_lambda_hook_is_bit_identical(device, config, dtype, laye
     with grad_mode(mode):
         base = unet(x, timestep, context)
         if used_before:  # a hook that ran with λ ≠ 0 (image K/V cached) and was then set to 0
-            hook = ImagePromptAttention(layers, tokens.nan_to_num(), 0.7)
+            hook = ImagePromptAttention(layers, positive.nan_to_num(), negative.nan_to_num(), 0.7, rows=rows)
             unet(x, timestep, context, hook)
             hook.set_scale(on(device, scale), strict=strict)
         else:
-            hook = ImagePromptAttention(layers, tokens, on(device, scale), strict=strict)
-        with ProjectionCalls(layers) as calls:
+            hook = ImagePromptAttention(layers, positive, negative, on(device, scale), rows=rows, strict=strict)
+        with ProjectionCalls(layers) as calls, fused_dispatch() as launches:
             with_hook = unet(x, timestep, context, hook)
 
     assert same_bits(with_hook, base), describe_difference(with_hook, base)
     assert calls.layers == []  # λ = 0: the image tokens were not even projected
+    assert len(launches) == 0  # ... nor sent to the fused kernel, where it would run
 
 
 def _every_zero_form():
@@ -314,21 +325,24 @@ def _every_zero_form():
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_every_zero_form_is_bit_identical(device, dtype):
+def test_every_zero_form_is_bit_identical(device, dtype, monkeypatch):
+    kernel_spy.dispatch_as_on_a_gpu(monkeypatch)  # where a λ ≠ 0 layer would launch the fused kernel
+    launches = kernel_spy.spy_on_kernel(monkeypatch)
     unet = small_unet(16, 8, 2, 32, dtype, device)
     layers = adapter_layers(tuple(widths_of(unet)), 768, dtype, device)
     x = latents_like((2, 4, 8, 8), dtype, 7, 0.1).to(device)
     context = text_tokens((2, 5, 32), dtype, 8, 0.1).to(device)
-    tokens = image_tokens((2, 4, 768), dtype, 9, 0.5).to(device)
+    positive, negative = image_tokens((2, 1, 4, 768), dtype, 9, 0.5).to(device)
     t = torch.tensor(750, device=device)
     with torch.no_grad():
         base = unet(x, t, context)
         for scale, strict in _every_zero_form():
             assert expand_scale(scale, strict=strict) == (0.0,) * 16, scale
             with ProjectionCalls(layers) as calls:
-                out = unet(x, t, context, ImagePromptAttention(layers, tokens, on(device, scale), strict=strict))
+                out = unet(x, t, context, ImagePromptAttention(layers, positive, negative, on(device, scale), strict=strict))
             assert same_bits(out, base), f"λ = {scale!r}: {describe_difference(out, base)}"
             assert calls.layers == [], scale
+            assert len(launches) == 0, f"λ = {scale!r} launched the fused kernel"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -350,25 +364,78 @@ class CheckingHook:
 
 @pytest.mark.parametrize("device", DEVICES)
 @settings(PROPERTY, max_examples=12)
-@given(config=unet_configs(), dtype=st.sampled_from(DTYPES), batch=st.integers(1, 2),
+@given(config=unet_configs(), dtype=st.sampled_from(DTYPES), rows=st.lists(st.booleans(), min_size=1, max_size=2),
        seed=st.integers(0, 2**31 - 1), zeros=st.lists(st.booleans(), min_size=16, max_size=16),
        zero=zero_scalars, nonzero=st.sampled_from([1.0, 0.5, -0.3, torch.tensor(2.0)]),
        fraction=st.sampled_from([0.0, 0.1]))
-def test_zero_layers_are_plain_attention_and_others_are_not(device, config, dtype, batch, seed, zeros, zero,
+def test_zero_layers_are_plain_attention_and_others_are_not(device, config, dtype, rows, seed, zeros, zero,
                                                             nonzero, fraction):
+    batch = len(rows)
     unet = small_unet(*config, dtype, device)
     layers = adapter_layers(tuple(widths_of(unet)), 768, dtype, device)
     x = latents_like((batch, 4, 8, 8), dtype, seed, fraction).to(device)
     context = text_tokens((batch, 5, config[3]), dtype, seed + 1, fraction).to(device)
     # Finite image tokens, so that a nonzero layer's difference is a real one (NaN would also differ).
-    tokens = random_tensor((batch, 4, 768), dtype, seed + 2, special([-0.0], dtype), fraction).to(device)
+    positive, negative = random_tensor((2, 1, 4, 768), dtype, seed + 2, special([-0.0], dtype), fraction).to(device)
     scale = [on(device, zero) if z else on(device, nonzero) for z in zeros]
-    hook = CheckingHook(ImagePromptAttention(layers, tokens, scale))
+    hook = CheckingHook(ImagePromptAttention(layers, positive, negative, scale, rows=rows))
     with torch.no_grad(), ProjectionCalls(layers) as calls:
         unet(x, torch.tensor(321, device=device), context, hook)
     assert hook.order == list(range(16))  # the hook sees the 16 layers in run order
     assert [hook.same[i] for i in range(16)] == zeros  # bit-identical exactly where λ is 0
     assert sorted(set(calls.layers)) == [i for i in range(16) if not zeros[i]]
+
+
+class LaunchesPerLayer:
+    """Runs the adapter hook and records how many fused-kernel launches each layer call made."""
+
+    def __init__(self, inner, launches: kernel_spy.KernelLaunches):
+        self.inner, self.launches, self.calls = inner, launches, []  # calls: (layer, launches, output)
+
+    def __call__(self, layer, q, k, v):
+        before = len(self.launches)
+        out = self.inner(layer, q, k, v)
+        self.calls.append((layer, self.launches.launches[before:], out))
+        return out
+
+
+def test_fused_kernel_runs_once_in_each_nonzero_layer_and_never_in_a_zero_one():
+    """Dispatching as on an sm_80+ GPU (the interpreter runs the kernel): in one UNet call the
+    fused kernel is launched exactly once in each layer whose λ ≠ 0 (a float or a 0-d tensor), with
+    that layer's λ, its output being the layer's; and never in a layer whose λ = 0, whatever the
+    zero's form, that layer giving plain attention's bits. The hypothesis test above checks the
+    bits for random λ patterns without launching the interpreter (too slow for every example);
+    this one is the smallest SD1.5-structured UNet (16 channels, 8×8 latents)."""
+    dtype, device = torch.float32, "cpu"
+    unet = small_unet(16, 8, 2, 32, dtype, device)
+    layers = adapter_layers(tuple(widths_of(unet)), 768, dtype, device)
+    x = latents_like((2, 4, 8, 8), dtype, 12, 0.1)
+    context = text_tokens((2, 5, 32), dtype, 13, 0.1)
+    positive, negative = torch.randn(2, 1, 4, 768, generator=torch.Generator().manual_seed(14))
+    zero_forms = [0, -0.0, torch.tensor(0.0), torch.tensor(-0.0, dtype=torch.float16), np.float32(-0.0),
+                  fractions.Fraction(0), torch.tensor(0), torch.tensor(-0.0, dtype=torch.bfloat16)]
+    nonzero_forms = [0.7, torch.tensor(-0.4), 1, torch.tensor(2.0, dtype=torch.float16)]
+    # each down and up block has zero and nonzero layers; mid (6) is nonzero, layer 0 (64 queries) zero
+    nonzero = [1, 3, 4, 6, 8, 10, 12, 15]
+    forms = iter(zero_forms)
+    scale = [nonzero_forms[nonzero.index(i) % 4] if i in nonzero else next(forms) for i in range(16)]
+    lam = expand_scale(scale)
+    with torch.no_grad(), fused_dispatch() as launches:
+        hook = LaunchesPerLayer(CheckingHook(ImagePromptAttention(layers, positive, negative, scale)), launches)
+        fused = unet(x, torch.tensor(400), context, hook)
+    assert [layer for layer, _, _ in hook.calls] == list(range(16))
+    for layer, launched, out in hook.calls:
+        if layer in nonzero:
+            assert len(launched) == 1, f"layer {layer} (λ {lam[layer]}): {len(launched)} launches"
+            assert launched[0].lam == lam[layer] and launched[0].out is out
+        else:
+            assert launched == [], f"layer {layer} (λ = {scale[layer]!r}) launched the fused kernel"
+    assert [hook.inner.same[i] for i in range(16)] == [i not in nonzero for i in range(16)]
+    assert len(launches) == len(nonzero)
+    # the kernel's outputs are the decoupled attention: the UNet output is the reference path's
+    with torch.no_grad():
+        reference = unet(x, torch.tensor(400), context, ImagePromptAttention(layers, positive, negative, scale))
+    assert (fused - reference).abs().max() <= 1e-5  # measured 5e-7 (outputs up to ~1.2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -388,17 +455,17 @@ def test_denoise_with_zero_lambda_hook_is_bit_identical(device, config, dtype, c
     sd = StableDiffusion(unet, None, None, tokenizer=tokenizer())
     cond = text_tokens((1, 7, config[3]), dtype, seed, fraction).to(device)
     uncond = text_tokens((1, 7, config[3]), dtype, seed + 1, fraction).to(device) if guidance > 1 else None
-    context = cfg_batch(cond, uncond, copies)
     latents = latents_like((copies, 4, *hw), dtype, seed + 2, fraction).to(device)
-    tokens = image_tokens((context.shape[0], 4, 768), dtype, seed + 3, 0.3).to(device)
+    positive, negative = image_tokens((2, 1, 4, 768), dtype, seed + 3, 0.3).to(device)
     scale, strict = zero
 
-    base = sd.denoise(latents, context, steps, guidance, progress=False)
-    with ProjectionCalls(layers) as calls:
-        with_hook = sd.denoise(latents, context, steps, guidance,
-                               ImagePromptAttention(layers, tokens, on(device, scale), strict=strict), progress=False)
+    base = sd.denoise(latents, cond, uncond, steps, guidance, progress=False)
+    with ProjectionCalls(layers) as calls, fused_dispatch() as launches:
+        with_hook = sd.denoise(latents, cond, uncond, steps, guidance,
+                               ImagePromptAttention(layers, positive, negative, on(device, scale), strict=strict),
+                               progress=False)
     assert same_bits(with_hook, base), describe_difference(with_hook, base)
-    assert calls.layers == []
+    assert calls.layers == [] and len(launches) == 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -440,12 +507,15 @@ def test_pipeline_with_zero_lambda_adapter_is_bit_identical(device, dtype, guida
     sd, adapter = tiny_pipeline(dtype, device)
     features = image_tokens((1, 1024), dtype, seed, 0.1).to(device)  # NaN / inf in the image features
     with torch.no_grad():
-        tokens = cfg_image_tokens(adapter, features, batch_size=num_images, guidance=guidance > 1)
+        positive, negative = tokens_from_features(adapter, features)
     scale, strict = zero
     base_images, base_latents = generate(sd, None, guidance, num_images)
-    images, latents = generate(sd, adapter.hook(tokens, on(device, scale), strict=strict), guidance, num_images)
+    with fused_dispatch() as launches:
+        images, latents = generate(sd, adapter.hook(positive, negative, on(device, scale), strict=strict), guidance,
+                                   num_images)
     assert same_bits(latents, base_latents), describe_difference(latents, base_latents)
     assert images == base_images
+    assert len(launches) == 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -467,10 +537,10 @@ def test_control_nonzero_lambda_changes_the_unet_output(device, dtype, scale):
     layers = adapter_layers(tuple(widths_of(unet)), 768, dtype, device)
     x = latents_like((2, 4, 8, 8), dtype, 0, 0.1).to(device)
     context = text_tokens((2, 5, 768), dtype, 1, 0.1).to(device)
-    tokens = torch.randn(2, 4, 768, generator=torch.Generator().manual_seed(2)).to(device, dtype)
+    positive, negative = torch.randn(2, 1, 4, 768, generator=torch.Generator().manual_seed(2)).to(device, dtype)
     with torch.no_grad():
         base = unet(x, torch.tensor(500, device=device), context)
-        hook = ImagePromptAttention(layers, tokens, on(device, scale))
+        hook = ImagePromptAttention(layers, positive, negative, on(device, scale))
         with_hook = unet(x, torch.tensor(500, device=device), context, hook)
         hook.set_scale(-0.0)  # ... and back to λ = 0 gives the base bits again, K/V cache and all
         again = unet(x, torch.tensor(500, device=device), context, hook)
@@ -487,20 +557,20 @@ def test_control_nonzero_lambda_changes_denoised_latents_and_images(device, dtyp
     layers = adapter_layers(tuple(widths_of(unet)), 768, dtype, device)
     sd = StableDiffusion(unet, None, None, tokenizer=tokenizer())
     cond, uncond = text_tokens((2, 1, 6, 32), dtype, 3, 0.1).to(device)
-    context = cfg_batch(cond, uncond, 1)
     latents = latents_like((1, 4, 8, 8), dtype, 4, 0.1).to(device)
-    tokens = torch.randn(2, 4, 768, generator=torch.Generator().manual_seed(5)).to(device, dtype)
-    base = sd.denoise(latents, context, 3, 7.5, progress=False)
-    changed = sd.denoise(latents, context, 3, 7.5, ImagePromptAttention(layers, tokens, {"mid": 1.0}), progress=False)
+    positive, negative = torch.randn(2, 1, 4, 768, generator=torch.Generator().manual_seed(5)).to(device, dtype)
+    base = sd.denoise(latents, cond, uncond, 3, 7.5, progress=False)
+    changed = sd.denoise(latents, cond, uncond, 3, 7.5, ImagePromptAttention(layers, positive, negative, {"mid": 1.0}),
+                         progress=False)
     assert torch.isfinite(changed).all() and not same_bits(changed, base)
 
     if dtype != torch.float16:
         pipe, adapter = tiny_pipeline(dtype, device)
         features = torch.randn(1, 1024, generator=torch.Generator().manual_seed(6)).to(device, pipe.dtype)
         with torch.no_grad():
-            image_tokens_ = cfg_image_tokens(adapter, features, batch_size=1)
+            positive, negative = tokens_from_features(adapter, features)
         base_images, base_latents = generate(pipe, None, 7.5, 1)
-        images, lat = generate(pipe, adapter.hook(image_tokens_, {"up": {"block_1": 1.0}}), 7.5, 1)
+        images, lat = generate(pipe, adapter.hook(positive, negative, {"up": {"block_1": 1.0}}), 7.5, 1)
         assert not same_bits(lat, base_latents)
         assert images != base_images
 

@@ -1,4 +1,3 @@
-"""Readers for the checkpoint files people download, and writers of the project's own layout.
-
-``python -m weights_convert --help`` lists the conversions.
-"""
+"""The conversion command: downloaded checkpoints → the project's safetensors files, which later
+load as plain memory maps with no renaming. ``python -m weights_convert --help`` lists the
+conversions. The formats themselves are read by ``ipadapter_min.formats``."""

@@ -15,20 +15,11 @@ from pathlib import Path
 
 import torch
 
-from .files import save_safetensors
-from .image_encoder import write_image_encoder
-from .ip_adapter import write_ip_adapter
-from .sd15 import read_sd15, sd15_metadata
+from ipadapter_min.formats.files import message
+
+from .convert import write_image_encoder, write_ip_adapter, write_sd15
 
 DTYPES = {"keep": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def write_sd15(src: Path, out: Path, force: bool, dtype: torch.dtype | None = None) -> str:
-    tensors, configs = read_sd15(src)
-    if dtype is not None:
-        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
-    save_safetensors(tensors, out, sd15_metadata(configs), overwrite=force)
-    return f"{out}: SD1.5 UNet, VAE and text encoder, {len(tensors)} tensors"
 
 
 COMMANDS = {
@@ -64,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             raise FileExistsError(f"{args.out} already exists (pass --force to overwrite it)")
         print(write(args.src, args.out, args.force, **extra))
     except (ValueError, OSError) as exc:  # CheckpointError is a ValueError
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {message(exc)}", file=sys.stderr)
         return 2
     return 0
 

@@ -29,8 +29,10 @@ from pathlib import Path
 
 import torch
 
-from ipadapter_min.image_encoder import FORMAT, ImageEncoderConfig
-from weights_convert.files import CheckpointError, read_state_dict, save_safetensors
+from ..configs import ImageEncoderConfig
+from .files import Checkpoint, CheckpointError, read_metadata, read_state_dict
+
+FORMAT = "ipadapter_min.image_encoder"  # the project's converted file: keys visual.*, config in metadata
 
 IGNORED_KEYS = ("vision_model.embeddings.position_ids",)
 
@@ -219,24 +221,22 @@ def read_transformers_image_encoder(path: str | os.PathLike) -> tuple[dict[str, 
     return transformers_to_open_clip(state, config, str(file)), config
 
 
-def convert_image_encoder(src: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """A transformers CLIPVisionModelWithProjection folder or file → (tensors in the project's
-    layout, safetensors metadata)."""
-    tensors, config = read_transformers_image_encoder(src)
-    metadata = {
-        "format": FORMAT,
-        "config": config.to_json(),
-        "model": config.name,
-        "converted_from": "transformers CLIPVisionModelWithProjection",
-    }
-    return tensors, metadata
+def image_encoder_metadata(config: ImageEncoderConfig) -> dict[str, str]:
+    """The metadata of a converted image-encoder file."""
+    return {"format": FORMAT, "config": config.to_json(), "model": config.name,
+            "converted_from": "transformers CLIPVisionModelWithProjection"}
 
 
-def write_image_encoder(src: str | os.PathLike, out: str | os.PathLike, force: bool = False) -> str:
-    """``python -m weights_convert image-encoder SRC -o OUT [--force]``: convert and write OUT
-    (atomically; an existing OUT only with force). Returns a one-line summary."""
-    tensors, metadata = convert_image_encoder(src)
-    save_safetensors(tensors, out, metadata, overwrite=force)
-    dtype = next(iter(tensors.values())).dtype
-    return (f"{out}: {metadata['model']} image encoder, {len(tensors)} tensors, "
-            f"{sum(t.numel() for t in tensors.values()) / 1e6:.0f}M parameters, {str(dtype).removeprefix('torch.')}")
+def read_image_encoder(path: str | os.PathLike) -> tuple[Checkpoint, ImageEncoderConfig]:
+    """A converted file (``python -m weights_convert image-encoder``) or a transformers folder or
+    weights file → (open_clip-layout tensors, config)."""
+    path = Path(path)
+    metadata = read_metadata(path) if path.is_file() else {}
+    if metadata.get("format") == FORMAT:
+        try:
+            config = ImageEncoderConfig.from_json(metadata["config"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{path}: bad 'config' metadata ({exc})") from None
+        return Checkpoint(read_state_dict(path), str(path)), config
+    state, config = read_transformers_image_encoder(path)
+    return Checkpoint(state, str(path)), config

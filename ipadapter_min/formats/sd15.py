@@ -2,7 +2,8 @@
 
 The project's layout is one safetensors file whose keys are ``unet.*``, ``vae.*`` and
 ``text_encoder.*`` — exactly the module names of ``ipadapter_min``'s models — with the model
-configs as JSON in the file's metadata. Two source formats are read:
+configs as JSON in the file's metadata. Readers rename; ``loading`` checks every key and shape
+against the models it builds. Two source formats are read:
 
 * the original single file (``model.diffusion_model.*``, ``first_stage_model.*``,
   ``cond_stage_model.transformer.*``): our module names *are* its names, so it needs only
@@ -18,14 +19,11 @@ from pathlib import Path
 
 import torch
 
-from ipadapter_min.text_encoder import TextEncoder, TextEncoderConfig
-from ipadapter_min.unet import UNet, UNetConfig
-from ipadapter_min.vae import VAE, VAEConfig
-
-from .files import CheckpointError, read_metadata, read_state_dict
+from ..configs import TextEncoderConfig, UNetConfig, VAEConfig
+from .files import Checkpoint, CheckpointError, read_metadata, read_state_dict
 
 FORMAT = "ipadapter_min.sd15"
-PARTS = {"unet": (UNet, UNetConfig), "vae": (VAE, VAEConfig), "text_encoder": (TextEncoder, TextEncoderConfig)}
+PARTS = {"unet": UNetConfig, "vae": VAEConfig, "text_encoder": TextEncoderConfig}  # key prefix → config
 
 SINGLE_FILE_PREFIXES = [
     ("model.diffusion_model.", "unet."),
@@ -236,13 +234,12 @@ def read_single_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, obj
 
 def read_converted(path: Path, metadata: dict[str, str]) -> tuple[dict[str, torch.Tensor], dict[str, object], dict[str, str]]:
     configs = {}
-    for part, (_, config_cls) in PARTS.items():
+    for part, config_cls in PARTS.items():
         try:
             configs[part] = config_from_json(config_cls, metadata[f"{part}_config"])
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{path}: metadata {part}_config is missing or invalid ({exc})") from None
-    tensors = read_state_dict(path)
-    return tensors, configs, {k: f"{path}: key {k!r}" for k in tensors}
+    return read_state_dict(path), configs, {}
 
 
 def config_from_json(config_cls, text: str):
@@ -250,8 +247,8 @@ def config_from_json(config_cls, text: str):
     return config_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
 
 
-def read_sd15(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
-    """Any supported SD1.5 checkpoint → (tensors in our layout, model configs), checked key by key."""
+def read_sd15(path: str | Path) -> tuple[Checkpoint, dict[str, object]]:
+    """Any supported SD1.5 checkpoint → (its tensors renamed to our layout, model configs)."""
     path = Path(path)
     if path.is_dir():
         tensors, configs, origin = read_diffusers(path)
@@ -267,29 +264,7 @@ def read_sd15(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, obje
     # the original model, and ours, use 1×1 convolutions.
     for key in [k for k in tensors if k.startswith("vae.") and ".mid.attn_1." in k and tensors[k].dim() == 2]:
         tensors[key] = tensors[key][:, :, None, None]
-    check_keys(tensors, configs, origin, path)
-    return tensors, configs
-
-
-def expected_shapes(configs: dict[str, object]) -> dict[str, torch.Size]:
-    shapes = {}
-    with torch.device("meta"):
-        for part, (model_cls, _) in PARTS.items():
-            shapes.update({f"{part}.{k}": v.shape for k, v in model_cls(configs[part]).state_dict().items()})
-    return shapes
-
-
-def check_keys(tensors: dict[str, torch.Tensor], configs: dict[str, object], origin: dict[str, str], path: Path) -> None:
-    """Refuse a checkpoint with one line naming the first missing, unexpected or mis-shaped key."""
-    expected = expected_shapes(configs)
-    for key, value in tensors.items():
-        if key not in expected:
-            raise CheckpointError(f"{origin[key]} is unexpected (maps to {key!r}, which SD1.5 does not have)")
-        if value.shape != expected[key]:
-            raise CheckpointError(f"{origin[key]} has shape {list(value.shape)}, expected {list(expected[key])}")
-    missing = [k for k in expected if k not in tensors]
-    if missing:
-        raise CheckpointError(f"{path}: missing key {missing[0]!r} (ours; {len(missing)} missing in all)")
+    return Checkpoint(tensors, str(path), origin), configs
 
 
 def sd15_metadata(configs: dict[str, object]) -> dict[str, str]:

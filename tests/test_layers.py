@@ -1,0 +1,108 @@
+"""The code is layered one way: each module imports only from its own layer or the layers below.
+
+    kernels                                   attention kernels; nothing of ours
+    ipadapter_min.configs, ip_layers          architecture numbers and layer tables
+    ipadapter_min.formats.*                   checkpoint readers and key maps
+    ipadapter_min models                      unet, vae, text_encoder, ip_adapter, cfg (batch rows), ...
+    ipadapter_min.loading                     formats → checked models
+    ipadapter_min.pipeline, ip_pipeline       generation
+    ipadapter_min.sample, weights_convert     command lines
+    benchmarks                                measurements
+
+The graph is read from the source (every ``import``, also inside functions), so a lazy import
+cannot hide a cycle.
+"""
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("kernels", "ipadapter_min", "weights_convert", "benchmarks")
+LAYERS = [
+    {"kernels.*"},
+    {"ipadapter_min.configs", "ipadapter_min.ip_layers"},
+    {"ipadapter_min.formats.*"},
+    {"ipadapter_min.attention", "ipadapter_min.unet", "ipadapter_min.vae", "ipadapter_min.text_encoder",
+     "ipadapter_min.tokenizer", "ipadapter_min.ddim", "ipadapter_min.image_encoder", "ipadapter_min.image_projection",
+     "ipadapter_min.ip_adapter", "ipadapter_min.cfg"},
+    {"ipadapter_min.loading"},
+    {"ipadapter_min.pipeline", "ipadapter_min.ip_pipeline"},
+    {"ipadapter_min.sample", "weights_convert.*"},
+    {"benchmarks.*"},
+]
+
+
+def module_name(path: Path, root: Path = ROOT) -> str:
+    parts = list(path.relative_to(root).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports(path: Path, root: Path = ROOT) -> set[str]:
+    """Our modules that ``path`` imports (absolute or relative), by full name."""
+    name = module_name(path, root)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+    modules = {module_name(p, root) for pkg in PACKAGES for p in (root / pkg).rglob("*.py")}
+    # "from package import name" names a module only when that module exists
+    return {m for m in found if m in modules}
+
+
+def layer_of(module: str) -> int:
+    for index, layer in enumerate(LAYERS):
+        for pattern in layer:
+            if module == pattern or (pattern.endswith(".*") and module.startswith(pattern[:-1])) \
+                    or (pattern.endswith(".*") and module == pattern[:-2]):
+                return index
+    if module == "ipadapter_min":
+        return 1
+    raise AssertionError(f"{module} has no layer in tests/test_layers.py: add it")
+
+
+def graph(root: Path = ROOT) -> dict[str, set[str]]:
+    return {module_name(p, root): imports(p, root) for pkg in PACKAGES for p in sorted((root / pkg).rglob("*.py"))}
+
+
+def upward(root: Path = ROOT) -> list[str]:
+    return [f"{module} (layer {layer_of(module)}) imports {target} (layer {layer_of(target)})"
+            for module, targets in graph(root).items() for target in sorted(targets)
+            if layer_of(target) > layer_of(module)]
+
+
+def test_every_import_points_down_or_sideways():
+    wrong = upward()
+    assert not wrong, "\n".join(wrong)
+
+
+def test_packages_do_not_import_each_other_back():
+    package_graph = {}
+    for module, targets in graph().items():
+        package_graph.setdefault(module.split(".")[0], set()).update(t.split(".")[0] for t in targets)
+    cycles = [(a, b) for a, targets in package_graph.items() for b in targets
+              if a != b and a in package_graph.get(b, set())]
+    assert not cycles, cycles
+    assert package_graph["kernels"] <= {"kernels"}
+
+
+def test_formats_know_no_model_classes():
+    models = LAYERS[3]
+    for module, targets in graph().items():
+        if module.startswith("ipadapter_min.formats"):
+            assert not targets & models, f"{module} imports {targets & models}"
+
+
+def test_the_checker_sees_an_upward_import(tmp_path):
+    """A format reader that imported a model, relatively or lazily inside a function, is caught."""
+    for name, text in {"__init__.py": "", "unet.py": "", "formats/__init__.py": "",
+                       "formats/bad.py": "def read():\n    from ..unet import UNet\n"}.items():
+        (tmp_path / "ipadapter_min" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "ipadapter_min" / name).write_text(text)
+    assert upward(tmp_path) == ["ipadapter_min.formats.bad (layer 2) imports ipadapter_min.unet (layer 3)"]

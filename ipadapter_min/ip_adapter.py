@@ -14,11 +14,12 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from ipadapter_min.cfg import CFGBatch, Rows, as_rows, per_row
-from ipadapter_min.configs import CONTEXT_DIM, AdapterSpec
-from ipadapter_min.image_projection import build_projection
-from ipadapter_min.ip_layers import CROSS_ATTENTION_WIDTHS, NUM_LAYERS, expand_scale
 from kernels import decoupled_attention
+
+from .cfg import CFGBatch, Rows, as_rows, per_row
+from .configs import CONTEXT_DIM, AdapterSpec
+from .image_projection import build_projection
+from .ip_layers import CROSS_ATTENTION_WIDTHS, NUM_LAYERS, expand_scale
 
 # (q, k_text, v_text, k_image, v_image, scale) -> out, as kernels.decoupled_attention
 DecoupledAttention = Callable[..., torch.Tensor]

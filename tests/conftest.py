@@ -29,6 +29,14 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def free_memory():
+    """For modules of full-size models: collect garbage after each test, so that a model caught
+    in a reference cycle is gone before the next test loads one."""
+    yield
+    gc.collect()
+
+
 class Reference:
     """Reference models with random weights, written as a diffusers folder.
 

@@ -23,6 +23,8 @@ from ipadapter_min.pipeline import StableDiffusion
 SIZE, STEPS, SEED = 128, 3, 7
 FILES = {"base": "ip-adapter_sd15.bin", "plus": "ip-adapter-plus_sd15.safetensors"}
 
+pytestmark = pytest.mark.usefixtures("free_memory")
+
 
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory):

@@ -10,6 +10,7 @@ reference models are read back from the folder for each test and dropped before 
 fixtures keep paths, not weights.
 """
 import gc
+import hashlib
 
 import numpy as np
 import pytest
@@ -25,6 +26,8 @@ from ipadapter_min.formats.sd15 import read_sd15
 TOL = 1e-4
 SINGLE_FILE_PREFIX = {"unet.": "model.diffusion_model.", "vae.": "first_stage_model.",
                       "text_encoder.": "cond_stage_model.transformer.text_model."}
+
+pytestmark = pytest.mark.usefixtures("free_memory")
 
 
 def our(folder, part: str):
@@ -73,19 +76,33 @@ def max_diff(a, b) -> float:
     return (a - b).abs().max().item()
 
 
-def assert_same_weights(models, folder, cast=None):
-    """Every weight of ``models`` equals the one ``load_sd15(folder)`` loads (cast to ``cast`` and
-    back first). The reference's tensors are dropped one by one as they are compared (our loader
-    maps a file's tensors rather than reading them), so the two models are not both in memory."""
-    reference = {f"{part}.{key}": value for part, model in load_sd15(folder).items()
-                 for key, value in model.state_dict().items()}
+def fingerprint(tensor: torch.Tensor) -> tuple:
+    """dtype, shape and a SHA-256 of the bytes: equal fingerprints are equal tensors, bit for bit."""
+    data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+    return tensor.dtype, tuple(tensor.shape), hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def ours(full) -> dict:
+    """Our models loaded from the diffusers folder, as fingerprints of every weight (as loaded, and
+    cast to fp16 and back), so that the weight tests hold one full-size model at a time."""
+    exact, fp16 = {}, {}
+    for part, model in load_sd15(full.folder).items():
+        for key, value in model.state_dict().items():
+            exact[f"{part}.{key}"] = fingerprint(value)
+            fp16[f"{part}.{key}"] = fingerprint(value.to(torch.float16).float())
+    del model, value
     gc.collect()
+    return {None: exact, torch.float16: fp16}
+
+
+def assert_same_weights(models, reference, cast=None):
+    """Every weight of ``models`` equals (bit for bit) ours from the diffusers folder, cast to
+    ``cast`` and back first if given."""
+    expected = reference[cast]
     for part, model in models.items():
         for key, value in model.state_dict().items():
-            expected = reference.pop(f"{part}.{key}")
-            expected = expected if cast is None else expected.to(cast).float()
-            assert torch.equal(value, expected), f"{part}.{key}"
-            del expected
+            assert fingerprint(value) == expected[f"{part}.{key}"], f"{part}.{key}"
 
 
 @torch.no_grad()
@@ -153,11 +170,11 @@ def test_single_file_is_what_diffusers_reads(full, single_file):
         gc.collect()
 
 
-def test_single_file_safetensors_loads_same_weights(full, single_file):
-    assert_same_weights(load_sd15(single_file), full.folder)
+def test_single_file_safetensors_loads_same_weights(ours, single_file):
+    assert_same_weights(load_sd15(single_file), ours)
 
 
-def test_pickled_fp16_ckpt_with_extras_loads(full, single_file, tmp_path):
+def test_pickled_fp16_ckpt_with_extras_loads(ours, single_file, tmp_path):
     """A .ckpt as people have them: state_dict wrapper, fp16, EMA copies, schedule buffers, position_ids."""
     state = {k: v for prefix in SINGLE_FILE_PREFIX.values()
              for k, v in single_file_part(single_file, prefix, torch.float16).items()}
@@ -170,13 +187,13 @@ def test_pickled_fp16_ckpt_with_extras_loads(full, single_file, tmp_path):
     del state
     gc.collect()
     try:
-        assert_same_weights(load_sd15(path), full.folder, cast=torch.float16)
+        assert_same_weights(load_sd15(path), ours, cast=torch.float16)
     finally:
         path.unlink()  # 2.1 GB: tmp_path folders stay until the session ends
 
 
-def test_converted_file_loads_same_weights(full, converted):
-    assert_same_weights(load_sd15(converted), full.folder)
+def test_converted_file_loads_same_weights(ours, converted):
+    assert_same_weights(load_sd15(converted), ours)
 
 
 def image_array(path) -> np.ndarray:

@@ -156,7 +156,7 @@ def transformers_to_open_clip(state: dict[str, torch.Tensor], config: ImageEncod
         if key not in state:
             raise CheckpointError(f"{source}: missing key {key!r} for a {config.name} CLIPVisionModelWithProjection")
         if tuple(state[key].shape) != ref:
-            raise CheckpointError(f"{source}: key {key!r} has shape {tuple(state[key].shape)}, expected {ref} "
+            raise CheckpointError(f"{source}: key {key!r} has shape {list(state[key].shape)}, expected {list(ref)} "
                                   f"for a {config.name} CLIPVisionModelWithProjection")
 
     out = {oc: state[hf] for hf, oc in TOP_LEVEL}

@@ -37,13 +37,7 @@ KINDS = ["unet", "vae"]  # the UNet's Downsample (padding 1) and the VAE encoder
 SIZES = [(2, 2), (3, 2), (4, 2), (5, 3), (6, 4), (7, 5), (8, 8)]  # (3, 2) and (4, 2) are the measured bad ones
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small models on a busy shared machine run fastest on one thread (see test_lambda_zero)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small models: fastest on one thread (conftest)
 
 
 @pytest.fixture
@@ -161,20 +155,16 @@ UNET_LATENTS = [(3, (16, 8)), (3, (12, 8)), (4, (10, 6)), (1, (12, 8))]  # 4×2,
 VAE_IMAGES = [(3, (20, 12)), (4, (24, 16)), (1, (18, 10))]  # 5×3, 6×4, 4×2 before the last downsample
 
 
-@pytest.mark.parametrize("simulated_bug", [False, True], ids=["torch", "simulated-bug"])
-@pytest.mark.parametrize("batch,hw", UNET_LATENTS, ids=[f"{b}-{h}x{w}" for b, (h, w) in UNET_LATENTS])
-def test_small_unet_in_bf16_is_repeatable_and_close_to_fp32(batch, hw, simulated_bug, request):
-    if simulated_bug:
-        request.getfixturevalue("broken_strided_bf16_conv")
-    check_unet(batch, hw)
+SMALL_MODELS = [(check_unet, b, hw) for b, hw in UNET_LATENTS] + [(check_vae_encoder, b, hw) for b, hw in VAE_IMAGES]
 
 
 @pytest.mark.parametrize("simulated_bug", [False, True], ids=["torch", "simulated-bug"])
-@pytest.mark.parametrize("batch,hw", VAE_IMAGES, ids=[f"{b}-{h}x{w}" for b, (h, w) in VAE_IMAGES])
-def test_small_vae_encoder_in_bf16_is_repeatable_and_close_to_fp32(batch, hw, simulated_bug, request):
+@pytest.mark.parametrize("check,batch,hw", SMALL_MODELS,
+                         ids=[f"{c.__name__[6:]}-{b}-{h}x{w}" for c, b, (h, w) in SMALL_MODELS])
+def test_small_models_in_bf16_are_repeatable_and_close_to_fp32(check, batch, hw, simulated_bug, request):
     if simulated_bug:
         request.getfixturevalue("broken_strided_bf16_conv")
-    check_vae_encoder(batch, hw)
+    check(batch, hw)
 
 
 def test_control_small_models_fail_on_the_plain_strided_conv(broken_strided_bf16_conv, monkeypatch):

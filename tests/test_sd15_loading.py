@@ -288,6 +288,28 @@ def test_loading_runs_no_random_initialisation(tiny, monkeypatch):
     assert real_init
 
 
+def test_safetensors_reader_handles_misaligned_and_bad_offsets(tmp_path):
+    """Another writer may put an fp32 tensor at an odd offset (after 3 bytes of uint8): it is read
+    right all the same. Offsets that do not fit the shape, or run past the file, are refused."""
+    import struct
+    values = torch.tensor([1.5, -2.25, 3.0])
+
+    def write(name: str, entries: dict, data: bytes):
+        header = json.dumps(entries).encode()
+        (tmp_path / name).write_bytes(struct.pack("<Q", len(header)) + header + data)
+        return tmp_path / name
+
+    data = bytes([7, 8, 9]) + values.numpy().tobytes()
+    good = write("odd.safetensors", {"u": {"dtype": "U8", "shape": [3], "data_offsets": [0, 3]},
+                                     "f": {"dtype": "F32", "shape": [3], "data_offsets": [3, 15]}}, data)
+    state = read_state_dict(good)
+    assert torch.equal(state["f"], values) and state["u"].tolist() == [7, 8, 9]
+    for offsets in ([3, 14], [3, 19]):
+        bad = write("bad.safetensors", {"f": {"dtype": "F32", "shape": [3], "data_offsets": offsets}}, data)
+        with pytest.raises(CheckpointError, match="data offsets"):
+            read_state_dict(bad)
+
+
 def test_memory_mapped_weights_hold_one_file_descriptor_a_file(tiny):
     """Weights stay memory-mapped after loading; that must not cost a descriptor per tensor
     (hundreds for SD1.5, past the usual limit of 1024 open files)."""

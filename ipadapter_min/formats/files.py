@@ -149,7 +149,8 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
             continue
         raw = torch.frombuffer(mapped, dtype=torch.uint8, count=end - begin, offset=begin)
         if begin % itemsize:  # a view must start on its element size: misaligned bytes are copied
-            raw = raw.clone()
+            tensors[key] = raw.clone().view(dtype).reshape(shape)
+            continue
         tensors[key] = raw.view(dtype).reshape(shape)
         _FILE_MAPPED[id(tensors[key])] = tensors[key]
     return tensors

@@ -5,7 +5,8 @@ The layers are numbered as the UNet runs them (``ip_layers.py``); official files
 
 CFG batch order. The hook holds one prompt's positive and negative image tokens, not a batch:
 it puts their keys and values in the UNet batch's rows by the row layout (``cfg``) the runtime
-sets, the same layout the text embeddings were put in rows by.
+sets, the same layout the text embeddings were put in rows by. Training has no unconditional
+rows and one reference image per row: there the hook holds one set of tokens per row instead.
 """
 from __future__ import annotations
 
@@ -60,10 +61,11 @@ class IPAdapter(nn.Module):
         """Encoder features for N images → (N, tokens, 768)."""
         return self.image_proj(features)
 
-    def hook(self, positive: torch.Tensor, negative: torch.Tensor, scale: object = 1.0, *,
+    def hook(self, positive: torch.Tensor, negative: torch.Tensor | None = None, scale: object = 1.0, *,
              rows: Sequence[bool] | None = None, strict: bool = True,
              attention: DecoupledAttention = decoupled_attention) -> "ImagePromptAttention":
-        """The cross-attention hook for one prompt's image tokens (:func:`image_prompt_tokens`) at λ ``scale``."""
+        """The cross-attention hook for one prompt's image tokens (:func:`image_prompt_tokens`) at λ ``scale``,
+        or, without ``negative``, for one set of tokens per UNet row (training)."""
         return ImagePromptAttention(self.ip_layers, positive, negative, scale, rows=rows, strict=strict,
                                     attention=attention)
 
@@ -83,6 +85,8 @@ class ImagePromptAttention:
     conditional); the runtime that lays out the batch sets it before the UNet calls
     (``StableDiffusion.denoise`` does; ComfyUI-like runtimes per call). Left None, it is diffusers'
     layout for the batch the hook is called with: first half unconditional, second half conditional.
+    Without ``negative`` (training: every row conditional, each with its own reference image),
+    ``positive`` holds one set of tokens per UNet row, (batch, tokens, 768), and ``rows`` is moot.
 
     The image K/V of both token sets are computed at a layer's first call and cached: the tokens
     are the same at every denoising step, so make a new hook when the tokens change (and per step
@@ -104,20 +108,27 @@ class ImagePromptAttention:
       (q length → latent h·w at this layer) before adding, as diffusers does with ip_adapter_masks.
     """
 
-    def __init__(self, layers: IPAdapterLayers, positive: torch.Tensor, negative: torch.Tensor, scale: object = 1.0,
-                 *, rows: Sequence[bool] | None = None, strict: bool = True,
+    def __init__(self, layers: IPAdapterLayers, positive: torch.Tensor, negative: torch.Tensor | None = None,
+                 scale: object = 1.0, *, rows: Sequence[bool] | None = None, strict: bool = True,
                  attention: DecoupledAttention = decoupled_attention):
-        for name, tokens in (("positive", positive), ("negative", negative)):
-            if tokens.ndim != 3 or tokens.shape[0] != 1 or tokens.shape[-1] != layers.context_dim:
-                raise ValueError(f"{name} image tokens must be (1, tokens, {layers.context_dim}), "
-                                 f"got {list(tokens.shape)}")
-        if negative.shape != positive.shape:
-            raise ValueError(f"positive image tokens have shape {list(positive.shape)} but negative ones "
-                             f"{list(negative.shape)}")
+        self.per_row_tokens = negative is None
+        if self.per_row_tokens:
+            if positive.ndim != 3 or positive.shape[-1] != layers.context_dim:
+                raise ValueError(f"image tokens without negative ones must be (rows, tokens, {layers.context_dim}), "
+                                 f"got {list(positive.shape)}")
+        else:
+            for name, tokens in (("positive", positive), ("negative", negative)):
+                if tokens.ndim != 3 or tokens.shape[0] != 1 or tokens.shape[-1] != layers.context_dim:
+                    raise ValueError(f"{name} image tokens must be (1, tokens, {layers.context_dim}), "
+                                     f"got {list(tokens.shape)}")
+            if negative.shape != positive.shape:
+                raise ValueError(f"positive image tokens have shape {list(positive.shape)} but negative ones "
+                                 f"{list(negative.shape)}")
         if len(layers) != NUM_LAYERS:
             raise ValueError(f"expected {NUM_LAYERS} adapter layers, got {len(layers)}")
         self.layers = layers
-        self.tokens = torch.cat([negative, positive])  # projected together; per_row picks [1] for cond rows
+        # projected together; per_row picks [1] for cond rows, [0] for uncond ones
+        self.tokens = positive if self.per_row_tokens else torch.cat([negative, positive])
         self.rows = rows
         self.scales = expand_scale(scale, strict=strict)
         self.attention = attention
@@ -131,6 +142,8 @@ class ImagePromptAttention:
     def rows(self, rows: Sequence[bool] | torch.Tensor | None) -> None:
         """Set the row layout (the cached image K/V stay valid); None for diffusers' layout."""
         self._rows = None if rows is None else as_rows(rows)
+        if self.per_row_tokens and self._rows is not None and not all(self._rows):
+            raise ValueError(f"without negative image tokens every row is conditional, got rows {self._rows}")
 
     def set_scale(self, scale: object, *, strict: bool = True) -> None:
         """Change λ (same forms as :func:`expand_scale`); the cached image K/V stay valid."""
@@ -138,6 +151,11 @@ class ImagePromptAttention:
 
     def layout(self, batch: int, layer: int) -> Rows:
         """The row layout for a UNet batch of ``batch`` rows; a one-line error naming both sizes."""
+        if self.per_row_tokens:
+            if batch != len(self.tokens):
+                raise ValueError(f"the hook holds image tokens for {len(self.tokens)} rows but cross-attention layer "
+                                 f"{layer} has batch {batch}")
+            return (True,) * batch
         if self._rows is None:
             if batch % 2:
                 raise ValueError(f"cross-attention layer {layer} has batch {batch}, which cannot be diffusers' "
@@ -150,7 +168,8 @@ class ImagePromptAttention:
 
     def image_kv(self, layer: int, heads: int, dtype: torch.dtype, device: torch.device
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-        """This layer's image keys and values of [negative, positive], (2, heads, tokens, head_dim), cached."""
+        """This layer's image keys and values of [negative, positive], (2, heads, tokens, head_dim), or of
+        each row's tokens, (batch, heads, tokens, head_dim); cached."""
         cached = self._kv.get(layer)
         if cached is not None and (cached[0].dtype, cached[0].device, cached[0].shape[1]) == (dtype, device, heads):
             return cached
@@ -168,7 +187,9 @@ class ImagePromptAttention:
         scale = self.scales[layer]
         if scale == 0.0:
             return decoupled_attention(q, k, v)
-        k_img, v_img = (per_row(rows, kv[1:], kv[:1]) for kv in self.image_kv(layer, q.shape[1], q.dtype, q.device))
+        k_img, v_img = self.image_kv(layer, q.shape[1], q.dtype, q.device)
+        if not self.per_row_tokens:
+            k_img, v_img = (per_row(rows, kv[1:], kv[:1]) for kv in (k_img, v_img))
         return self.attention(q, k, v, k_img, v_img, scale)
 
 

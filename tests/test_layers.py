@@ -5,7 +5,7 @@
     ipadapter_min.formats.*                   checkpoint readers and key maps
     ipadapter_min models                      unet, vae, text_encoder, ip_adapter, cfg (batch rows), ...
     ipadapter_min.loading                     formats → checked models
-    ipadapter_min.pipeline, ip_pipeline       generation
+    ipadapter_min.pipeline, ip_pipeline       generation; training
     ipadapter_min.sample, weights_convert     command lines
     benchmarks                                measurements
 
@@ -25,7 +25,7 @@ LAYERS = [
      "ipadapter_min.tokenizer", "ipadapter_min.ddim", "ipadapter_min.image_encoder", "ipadapter_min.image_projection",
      "ipadapter_min.ip_adapter", "ipadapter_min.cfg"},
     {"ipadapter_min.loading"},
-    {"ipadapter_min.pipeline", "ipadapter_min.ip_pipeline"},
+    {"ipadapter_min.pipeline", "ipadapter_min.ip_pipeline", "ipadapter_min.training"},
     {"ipadapter_min.sample", "weights_convert.*"},
     {"benchmarks.*"},
 ]

@@ -1,0 +1,181 @@
+"""IP-Adapter training (the official tutorial_train.py recipe) against diffusers: one step's loss,
+gradients and AdamW update, on diffusers' SD1.5 UNet structure at a tenth of the width (all 16
+cross-attention layers) with random weights; plus the drop rates and the init."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ipadapter_min.ddim import DDIM
+from ipadapter_min.formats.ip_adapter import detect_variant
+from ipadapter_min.formats.sd15 import rename, unet_config_from_diffusers, unet_table
+from ipadapter_min.ip_adapter import IPAdapter
+from ipadapter_min.ip_layers import CROSS_ATTENTION_WIDTHS, LAYERS
+from ipadapter_min.training import diffusion_loss, draw_drops, init_ip_layers_from_unet
+from ipadapter_min.unet import UNet
+from reference_models import projection_shapes, randomize_
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+BATCH, TEXT_LEN, TOKENS = 3, 7, 4
+TIMESTEPS = torch.tensor([10, 500, 999])
+DROP_IMAGE = torch.tensor([False, True, False])  # one sample each: image dropped, text dropped
+DROP_TEXT = torch.tensor([False, False, True])
+
+
+def diffusers_name(layer) -> str:
+    """Our layer's attn2 module in diffusers' UNet."""
+    block = "mid_block" if layer.block == "mid" else layer.block.replace(".block_", "_blocks.")
+    return f"{block}.attentions.{layer.position}.transformer_blocks.0.attn2"
+
+
+def models():
+    """(ours: UNet, IPAdapter), (diffusers: UNet with IP-Adapter processors, ImageProjection), with
+    the same weights; the adapter layers initialised from to_k/to_v on each side independently."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.attention_processor import AttnProcessor2_0, IPAdapterAttnProcessor2_0
+    from diffusers.models.modeling_utils import no_init_weights
+    with no_init_weights():
+        theirs = UNet2DConditionModel(block_out_channels=(32, 64, 128, 128), norm_num_groups=8,
+                                      cross_attention_dim=768, attention_head_dim=8, sample_size=8)
+    randomize_(theirs, 0).requires_grad_(False)
+    cfg = unet_config_from_diffusers(dict(theirs.config))
+    unet = UNet(cfg).requires_grad_(False)
+    unet.load_state_dict({rename(k, unet_table(cfg)): v for k, v in theirs.state_dict().items()})
+
+    adapter = randomize_(IPAdapter(detect_variant(projection_shapes("base")),
+                                   widths=[w // 10 for w in CROSS_ATTENTION_WIDTHS]), 1)
+    init_ip_layers_from_unet(adapter, unet)
+    projection = UNet2DConditionModel._convert_ip_adapter_image_proj_to_diffusers(
+        theirs, adapter.image_proj.state_dict(), low_cpu_mem_usage=False)
+
+    procs = {}
+    for name in theirs.attn_processors:
+        attn = theirs.get_submodule(name.removesuffix(".processor"))
+        if name.endswith("attn2.processor"):
+            proc = IPAdapterAttnProcessor2_0(attn.to_k.out_features, 768, num_tokens=(TOKENS,), scale=1.0)
+            with torch.no_grad():  # the official init
+                proc.to_k_ip[0].weight.copy_(attn.to_k.weight)
+                proc.to_v_ip[0].weight.copy_(attn.to_v.weight)
+            procs[name] = proc
+        else:
+            procs[name] = AttnProcessor2_0()
+    theirs.set_attn_processor(procs)
+    return (unet, adapter), (theirs, projection)
+
+
+def trainable_pairs(adapter, theirs, projection):
+    """(name, ours, theirs) for every trained parameter: the projection, then 16 × (to_k_ip, to_v_ip)."""
+    proj = {"proj.weight": "image_embeds.weight", "proj.bias": "image_embeds.bias",
+            "norm.weight": "norm.weight", "norm.bias": "norm.bias"}
+    pairs = [(f"image_proj.{k}", adapter.image_proj.get_parameter(k), projection.get_parameter(v))
+             for k, v in proj.items()]
+    procs = theirs.attn_processors
+    for layer in LAYERS:
+        proc = procs[f"{diffusers_name(layer)}.processor"]
+        for kv in "kv":
+            ours = getattr(adapter.ip_layers[layer.index], f"to_{kv}_ip").weight
+            pairs.append((f"ip_layers.{layer.index}.to_{kv}_ip", ours, getattr(proc, f"to_{kv}_ip")[0].weight))
+    assert len(pairs) == len(list(adapter.parameters())) == len(list(projection.parameters())) + 32
+    return pairs
+
+
+def batch():
+    g = torch.Generator().manual_seed(3)
+    latents, noise = torch.randn(BATCH, 4, 8, 8, generator=g), torch.randn(BATCH, 4, 8, 8, generator=g)
+    text, empty = torch.randn(BATCH, TEXT_LEN, 768, generator=g), torch.randn(1, TEXT_LEN, 768, generator=g)
+    features = torch.randn(BATCH, 1024, generator=g)
+    text = torch.where(DROP_TEXT[:, None, None], empty, text)  # the empty prompt's states
+    features = torch.where(DROP_IMAGE[:, None], 0.0, features)  # base: zeros in embedding space
+    return latents, noise, text, features
+
+
+def reference_loss(theirs, projection, latents, noise, text, features):
+    """tutorial_train.py's step: DDPM add_noise, image tokens concatenated after the text tokens."""
+    from diffusers import DDPMScheduler
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                              beta_schedule="scaled_linear")
+    noisy = scheduler.add_noise(latents, noise, TIMESTEPS)
+    pred = theirs(noisy, TIMESTEPS, torch.cat([text, projection(features)], 1)).sample
+    return F.mse_loss(pred.float(), noise.float())
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.filterwarnings("ignore:You have passed a tensor as `encoder_hidden_states`")
+def test_training_step_matches_diffusers():
+    (unet, adapter), (theirs, projection) = models()
+    pairs = trainable_pairs(adapter, theirs, projection)
+    for name, ours, ref in pairs:
+        assert torch.equal(ours, ref), name
+    latents, noise, text, features = batch()
+
+    loss = diffusion_loss(unet, adapter, latents, text, features, noise, TIMESTEPS, DDIM())
+    want = reference_loss(theirs, projection, latents, noise, text, features)
+    loss.backward()
+    want.backward()
+    loss_err = abs(loss.item() - want.item()) / want.item()
+    grad_errs = {name: relative(ours.grad, ref.grad) for name, ours, ref in pairs}
+    worst = max(grad_errs, key=grad_errs.get)
+    print(f"loss {loss.item():.6f} vs {want.item():.6f} (rel {loss_err:.1e}); worst gradient {worst}: "
+          f"rel {grad_errs[worst]:.1e}")
+    assert loss_err <= 1e-5
+    assert all(ours.grad.abs().max() > 0 for _, ours, _ in pairs)  # every trained weight gets a gradient
+    assert grad_errs[worst] <= 1e-4
+
+    # Adam's first step is lr·g/(|g| + 1e-8): where |g| is near 1e-8, the projection's ~1e-9 gradient
+    # differences (op order) become up to lr·1e-9/1e-8 = 1e-5 in the weights; 6e-7 measured here.
+    before = [ours.detach().clone() for _, ours, _ in pairs]
+    for params in ([p for _, p, _ in pairs], [p for _, _, p in pairs]):
+        torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2).step()
+    weight_err = max((ours - ref).abs().max().item() for _, ours, ref in pairs)
+    print(f"after one AdamW step: max abs weight difference {weight_err:.1e}")
+    assert weight_err <= 1e-6
+    assert all(not torch.equal(old, ours) for old, (_, ours, _) in zip(before, pairs))
+
+
+def test_loss_depends_on_image_tokens():
+    """A no-op adapter cannot pass: other image features give another loss."""
+    (unet, adapter), _ = models()
+    latents, noise, text, features = batch()
+    with torch.no_grad():
+        losses = [diffusion_loss(unet, adapter, latents, text, f, noise, TIMESTEPS, DDIM()).item()
+                  for f in (features, features.flip(0))]
+    print(f"loss {losses[0]:.6f}, with the samples' image features swapped {losses[1]:.6f}")
+    assert abs(losses[1] - losses[0]) > 1e-3 * losses[0]
+
+
+def test_init_copies_text_projections():
+    (unet, adapter), _ = models()
+    for ip, attn in zip(adapter.ip_layers, unet.cross_attention_layers(), strict=True):
+        assert torch.equal(ip.to_k_ip.weight, attn.to_k.weight) and torch.equal(ip.to_v_ip.weight, attn.to_v.weight)
+        assert ip.to_k_ip.weight.data_ptr() != attn.to_k.weight.data_ptr()  # copies: training leaves the UNet as it is
+
+
+def test_drop_rates():
+    """One draw per sample: image only, text only and both each 5%, within 5 binomial standard deviations."""
+    n = 200_000
+    drop_image, drop_text = draw_drops(n, torch.Generator().manual_seed(0))
+    bound = 5 * math.sqrt(0.05 * 0.95 / n)
+    for name, picked in (("image only", drop_image & ~drop_text), ("text only", drop_text & ~drop_image),
+                         ("both", drop_image & drop_text)):
+        rate = picked.float().mean().item()
+        print(f"{name}: {rate:.4f} (5% ± {bound:.4f})")
+        assert abs(rate - 0.05) <= bound, name
+    again = draw_drops(n, torch.Generator().manual_seed(0))
+    assert torch.equal(again[0], drop_image) and torch.equal(again[1], drop_text)
+
+
+def test_per_row_tokens_refuse_other_layouts():
+    """Without negative tokens every row is conditional and has its own tokens: one-line errors otherwise."""
+    (unet, adapter), _ = models()
+    tokens = torch.zeros(2, TOKENS, 768)
+    with pytest.raises(ValueError, match=r"every row is conditional, got rows \(True, False\)"):
+        adapter.hook(tokens, rows=(True, False))
+    with pytest.raises(ValueError, match="image tokens for 2 rows but cross-attention layer 0 has batch 3"):
+        unet(torch.zeros(3, 4, 8, 8), TIMESTEPS, torch.zeros(3, TEXT_LEN, 768), adapter.hook(tokens))

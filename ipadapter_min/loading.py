@@ -74,10 +74,11 @@ def assign(model: nn.Module, checkpoint: Checkpoint, device, dtype, prefix: str 
     parameters, cast one at a time so that each source is freed before the next is read."""
     state = {}
     for key in [k for k in checkpoint.tensors if k.startswith(prefix)]:
-        value = checkpoint.tensors.pop(key)
-        state[key[len(prefix):]] = value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype)
-        if state[key[len(prefix):]] is not value:
-            release(value)
+        source = checkpoint.tensors.pop(key)
+        target = source.to(device=device, dtype=dtype if source.is_floating_point() else source.dtype)
+        if target is not source:
+            release(source)
+        state[key[len(prefix):]] = target
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ipadapter_min.ddim import DDIM
-from ipadapter_min.formats.ip_adapter import detect_variant
+from ipadapter_min.formats.ip_adapter import detect_variant, read_ip_adapter, save_official
 from ipadapter_min.formats.sd15 import rename, unet_config_from_diffusers, unet_table
 from ipadapter_min.ip_adapter import IPAdapter
 from ipadapter_min.ip_layers import CROSS_ATTENTION_WIDTHS, LAYERS
@@ -179,3 +179,22 @@ def test_per_row_tokens_refuse_other_layouts():
         adapter.hook(tokens, rows=(True, False))
     with pytest.raises(ValueError, match="image tokens for 2 rows but cross-attention layer 0 has batch 3"):
         unet(torch.zeros(3, 4, 8, 8), TIMESTEPS, torch.zeros(3, TEXT_LEN, 768), adapter.hook(tokens))
+
+
+def test_written_files_are_the_release_layouts(tmp_path):
+    """What training writes is what the release ships: diffusers' own loader reads our .bin into
+    the same layers (by its numbering of the official keys, not ours), and our reader gets every
+    tensor back from both files. An existing file is not overwritten."""
+    (_, adapter), (theirs, _) = models()
+    randomize_(adapter.ip_layers, 5)  # unlike to_k/to_v, so that a layer read into the wrong place shows
+    state = adapter.state_dict()
+    flat, nested = save_official(state, tmp_path)
+    with pytest.raises(FileExistsError, match="ip-adapter.safetensors"):
+        save_official(state, tmp_path)
+    theirs._load_ip_adapter_weights([torch.load(nested, weights_only=True)], low_cpu_mem_usage=False)
+    for name, ours, loaded in trainable_pairs(adapter, theirs, theirs.encoder_hid_proj.image_projection_layers[0]):
+        assert torch.equal(loaded, ours.half().float()), name
+    for path, dtype in ((flat, torch.float32), (nested, torch.float16)):
+        checkpoint, spec = read_ip_adapter(path)
+        assert spec.variant == "base" and checkpoint.tensors.keys() == state.keys()
+        assert all(torch.equal(checkpoint.tensors[k], v.to(dtype)) for k, v in state.items()), path.name

@@ -22,7 +22,7 @@ import torch
 from ..configs import (CONTEXT_DIM, VIT_BIGG, VIT_BIGG_PROJECTION, VIT_H, VIT_H_PROJECTION, VIT_H_TOKENS, VIT_H_WIDTH,
                        AdapterSpec, ResamplerConfig)
 from ..ip_layers import LAYER_OF_OFFICIAL, LAYERS, NUM_LAYERS
-from .files import Checkpoint, CheckpointError, read_metadata, read_state_dict
+from .files import Checkpoint, CheckpointError, read_metadata, read_state_dict, save_safetensors, write_atomically
 
 FORMAT = "ipadapter_min.ip_adapter"
 FORMAT_VERSION = "1"
@@ -69,12 +69,40 @@ def read_ip_adapter(path: str | os.PathLike) -> tuple[Checkpoint, AdapterSpec]:
     """An official (.bin / .safetensors) or converted IP-Adapter file → (our layout, spec)."""
     metadata = read_metadata(path)
     fmt = metadata.get("format")
-    if fmt is not None and fmt != FORMAT:
+    if fmt is not None and fmt.startswith("ipadapter_min.") and fmt != FORMAT:  # another of our files
         raise CheckpointError(f"{path}: a {fmt!r} file, not an IP-Adapter ({FORMAT!r})")
     checkpoint, spec = to_project_layout(read_state_dict(path), path)
     if fmt == FORMAT and "variant" in metadata and metadata["variant"] != spec.variant:
         raise CheckpointError(f"{path}: metadata says variant {metadata['variant']!r}, the weights are {spec.variant!r}")
     return checkpoint, spec
+
+
+def official_layout(tensors: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """Our layout → the release's nested ``{"image_proj": …, "ip_adapter": {"1.to_k_ip.weight": …}}``
+    (the inverse of :func:`to_project_layout`), which every IP-Adapter runtime reads."""
+    nested: dict[str, dict[str, torch.Tensor]] = {"image_proj": {}, "ip_adapter": {}}
+    for key, value in tensors.items():
+        part, _, rest = official_key(key).partition(".")
+        nested[part][rest] = value
+    return nested
+
+
+def save_official(tensors: Mapping[str, torch.Tensor], folder: str | os.PathLike, overwrite: bool = False
+                  ) -> tuple[Path, Path]:
+    """``folder/ip-adapter.safetensors`` (flat ``image_proj.*`` / ``ip_adapter.*`` keys, dtype kept)
+    and ``folder/ip-adapter.bin`` (the nested pickle, fp16), as the release ships them; each
+    written atomically, an existing one replaced only with ``overwrite``."""
+    folder = Path(folder)
+    nested = official_layout({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+    flat = {f"{part}.{k}": v for part, part_tensors in nested.items() for k, v in part_tensors.items()}
+    half = {part: {k: v.half() for k, v in part_tensors.items()} for part, part_tensors in nested.items()}
+    paths = folder / "ip-adapter.safetensors", folder / "ip-adapter.bin"
+    for path in paths:
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} already exists (pass --force to overwrite it)")
+    save_safetensors(flat, paths[0], {"format": "pt"}, overwrite)
+    write_atomically(paths[1], lambda tmp: torch.save(half, tmp), overwrite)
+    return paths
 
 
 def ip_adapter_metadata(spec: AdapterSpec, source: str | os.PathLike) -> dict[str, str]:

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("kernels", "ipadapter_min", "weights_convert", "benchmarks")
 LAYERS = [
     {"kernels.*"},
-    {"ipadapter_min.configs", "ipadapter_min.ip_layers"},
+    {"ipadapter_min", "ipadapter_min.configs", "ipadapter_min.ip_layers"},
     {"ipadapter_min.formats.*"},
     {"ipadapter_min.attention", "ipadapter_min.unet", "ipadapter_min.vae", "ipadapter_min.text_encoder",
      "ipadapter_min.tokenizer", "ipadapter_min.ddim", "ipadapter_min.image_encoder", "ipadapter_min.image_projection",
@@ -57,13 +57,10 @@ def imports(path: Path, root: Path = ROOT) -> set[str]:
 
 
 def layer_of(module: str) -> int:
+    """``pkg.*`` stands for the package and everything in it."""
     for index, layer in enumerate(LAYERS):
-        for pattern in layer:
-            if module == pattern or (pattern.endswith(".*") and module.startswith(pattern[:-1])) \
-                    or (pattern.endswith(".*") and module == pattern[:-2]):
-                return index
-    if module == "ipadapter_min":
-        return 1
+        if any(module == p.removesuffix(".*") or (p.endswith(".*") and module.startswith(p[:-1])) for p in layer):
+            return index
     raise AssertionError(f"{module} has no layer in tests/test_layers.py: add it")
 
 

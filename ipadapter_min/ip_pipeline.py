@@ -16,7 +16,8 @@ from kernels import decoupled_attention, decoupled_attention_reference
 
 from .image_encoder import ImageEncoder, preprocess
 from .ip_adapter import IPAdapter, image_prompt_tokens
-from .loading import load_image_encoder, load_ip_adapter
+from .formats.ip_adapter import read_ip_adapter
+from .loading import ip_adapter_from_checkpoint, load_image_encoder
 from .pipeline import StableDiffusion
 
 
@@ -42,10 +43,12 @@ class IPAdapterPipeline:
                    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> "IPAdapterPipeline":
         """SD1.5 weights (any format ``StableDiffusion.from_file`` takes), an official or converted
         IP-Adapter file, and an image-encoder folder or converted file."""
-        adapter = load_ip_adapter(ip_adapter, device=device, dtype=dtype)
+        checkpoint, spec = read_ip_adapter(ip_adapter)  # a foreign file fails before the big load
+        sd = StableDiffusion.from_file(model, device=device, dtype=dtype)
+        adapter = ip_adapter_from_checkpoint(checkpoint, spec, device, dtype, sd.unet.cross_attention_widths())
         encoder = load_image_encoder(image_encoder, device=device, dtype=dtype)
         check_compatible(adapter, encoder, f"{ip_adapter} with {image_encoder}: ")
-        return cls(StableDiffusion.from_file(model, device=device, dtype=dtype), adapter, encoder)
+        return cls(sd, adapter, encoder)
 
     @torch.no_grad()
     def image_tokens(self, images: Sequence[Image.Image], combine: str = "concat", crop: bool = True

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -21,6 +21,7 @@ from .formats.files import Checkpoint, CheckpointError, release
 from .formats.image_encoder import read_image_encoder
 from .formats.ip_adapter import read_ip_adapter, to_project_layout
 from .formats.sd15 import read_sd15
+from .ip_layers import CROSS_ATTENTION_WIDTHS
 from .image_encoder import ImageEncoder, import_open_clip
 from .ip_adapter import IPAdapter
 from .text_encoder import TextEncoder
@@ -106,21 +107,27 @@ def load_sd15(path: str | Path, device: str | torch.device = "cpu", dtype: torch
 
 
 def ip_adapter_from_checkpoint(checkpoint: Checkpoint, spec: AdapterSpec, device: str | torch.device = "cpu",
-                               dtype: torch.dtype = torch.float32) -> IPAdapter:
-    model = build_checked(lambda: IPAdapter(spec), checkpoint, f"a {spec.variant} IP-Adapter for SD1.5")
+                               dtype: torch.dtype = torch.float32, widths: Sequence[int] = CROSS_ATTENTION_WIDTHS
+                               ) -> IPAdapter:
+    """``widths``: the UNet's cross-attention widths (``UNet.cross_attention_widths()``), SD1.5's by default."""
+    what = f"a {spec.variant} IP-Adapter for " + ("SD1.5" if list(widths) == list(CROSS_ATTENTION_WIDTHS)
+                                                  else f"a UNet of cross-attention widths {list(widths)}")
+    model = build_checked(lambda: IPAdapter(spec, widths), checkpoint, what)
     return assign(model, checkpoint, device, dtype)
 
 
 def ip_adapter_from_state_dict(state: dict[str, torch.Tensor], source: str = "state dict",
-                               device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> IPAdapter:
+                               device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                               widths: Sequence[int] = CROSS_ATTENTION_WIDTHS) -> IPAdapter:
     """An IP-Adapter from an official or converted state dict (flat keys), every key and shape checked."""
-    return ip_adapter_from_checkpoint(*to_project_layout(state, source), device, dtype)
+    return ip_adapter_from_checkpoint(*to_project_layout(state, source), device, dtype, widths)
 
 
-def load_ip_adapter(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> IPAdapter:
+def load_ip_adapter(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                    widths: Sequence[int] = CROSS_ATTENTION_WIDTHS) -> IPAdapter:
     """An official IP-Adapter file (.bin or .safetensors) or a converted one; the variant comes
     from the keys and shapes."""
-    return ip_adapter_from_checkpoint(*read_ip_adapter(path), device, dtype)
+    return ip_adapter_from_checkpoint(*read_ip_adapter(path), device, dtype, widths)
 
 
 def image_encoder_from_checkpoint(checkpoint: Checkpoint, config: ImageEncoderConfig,

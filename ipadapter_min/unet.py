@@ -225,6 +225,10 @@ class UNet(nn.Module):
         steps = [*self.input_blocks, self.middle_block, *self.output_blocks]
         return [m.attn2 for step in steps for m in step.modules() if isinstance(m, TransformerBlock)]
 
+    def cross_attention_widths(self) -> list[int]:
+        """Each cross-attention layer's key/value width: the widths an IP-Adapter for this UNet has."""
+        return [attn.to_k.out_features for attn in self.cross_attention_layers()]
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                 hook: CrossAttentionHook | None = None) -> torch.Tensor:
         t = t.expand(x.shape[0]) if t.dim() == 0 else t

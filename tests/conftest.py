@@ -70,6 +70,24 @@ def tiny(tmp_path_factory) -> Reference:
 
 
 @pytest.fixture(scope="session")
+def small(tmp_path_factory) -> Reference:
+    """SD1.5's structure at a tenth of the width (ref.SMALL): every cross-attention layer an
+    IP-Adapter has, for training tests."""
+    return Reference(ref.SMALL, tmp_path_factory.mktemp("small"))
+
+
+@pytest.fixture(scope="session")
+def small_vit_h_folder(tmp_path_factory) -> Path:
+    """transformers' CLIPVisionModelWithProjection (random weights) with ViT-H's widths, which the
+    adapters read (1024-wide embedding, 1280-wide hidden states), but 2 layers, as the release's
+    image_encoder folder."""
+    from ipadapter_min.configs import ImageEncoderConfig
+    folder = tmp_path_factory.mktemp("small_vit_h") / "image_encoder"
+    ref.random_hf_model(ImageEncoderConfig(layers=2, mlp_width=512), seed=7).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def full(tmp_path_factory) -> Reference:
     """Full SD1.5 architecture (~1.1 G parameters): written once for the whole session, kept as
     files only."""

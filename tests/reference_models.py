@@ -18,11 +18,15 @@ from ipadapter_min.configs import ImageEncoderConfig
 
 FULL = "full"
 TINY = "tiny"
+SMALL = "small"  # SD1.5's structure (all 16 cross-attention layers, 768-wide text) at a tenth of the width: training
 
 
 def unet_kwargs(size: str) -> dict:
     if size == FULL:  # diffusers' defaults are SD1.5's, except the text width
         return dict(cross_attention_dim=768, attention_head_dim=8, sample_size=64)
+    if size == SMALL:
+        return dict(block_out_channels=(32, 64, 128, 128), norm_num_groups=8, cross_attention_dim=768,
+                    attention_head_dim=8, sample_size=8)
     return dict(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, cross_attention_dim=32,
                 attention_head_dim=2, sample_size=16,
                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
@@ -36,7 +40,7 @@ def vae_kwargs(size: str) -> dict:
 
 
 def text_kwargs(size: str) -> dict:
-    width, mlp, layers, heads = (768, 3072, 12, 12) if size == FULL else (32, 37, 2, 4)
+    width, mlp, layers, heads = {FULL: (768, 3072, 12, 12), SMALL: (768, 64, 1, 12)}.get(size, (32, 37, 2, 4))
     return dict(hidden_size=width, intermediate_size=mlp, num_hidden_layers=layers, num_attention_heads=heads,
                 vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=width,
                 bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)

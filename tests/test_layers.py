@@ -5,8 +5,9 @@
     ipadapter_min.formats.*                   checkpoint readers and key maps
     ipadapter_min models                      unet, vae, text_encoder, ip_adapter, cfg (batch rows), ...
     ipadapter_min.loading                     formats → checked models
-    ipadapter_min.pipeline, ip_pipeline       generation; training
-    ipadapter_min.sample, weights_convert     command lines
+    ipadapter_min.pipeline, ip_pipeline       generation; training (recipe, data); CLIP scores
+    ipadapter_min.sample, train, evaluate,    command lines
+      weights_convert
     benchmarks                                measurements
 
 The graph is read from the source (every ``import``, also inside functions), so a lazy import
@@ -25,8 +26,9 @@ LAYERS = [
      "ipadapter_min.tokenizer", "ipadapter_min.ddim", "ipadapter_min.image_encoder", "ipadapter_min.image_projection",
      "ipadapter_min.ip_adapter", "ipadapter_min.cfg"},
     {"ipadapter_min.loading"},
-    {"ipadapter_min.pipeline", "ipadapter_min.ip_pipeline", "ipadapter_min.training"},
-    {"ipadapter_min.sample", "weights_convert.*"},
+    {"ipadapter_min.pipeline", "ipadapter_min.ip_pipeline", "ipadapter_min.training", "ipadapter_min.training_data",
+     "ipadapter_min.clip_score"},
+    {"ipadapter_min.sample", "ipadapter_min.train", "ipadapter_min.evaluate", "weights_convert.*"},
     {"benchmarks.*"},
 ]
 

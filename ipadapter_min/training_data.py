@@ -1,0 +1,130 @@
+"""Image/caption pairs for training and evaluation, and the reference's image transforms.
+
+Two layouts are read: the official JSON list of ``{"image_file": ..., "text": ...}`` (paths
+relative to a data root), and a folder of images each with a ``.txt`` caption beside it (the
+convention of the usual trainers). Everything that can be checked before training is checked
+here, so that a bad dataset fails in seconds with a one-line error rather than hours in.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .image_encoder import preprocess
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+@dataclass(frozen=True)
+class Pair:
+    image: Path
+    text: str
+
+
+def read_pairs(data: str | Path, root: str | Path | None = None, flag: str = "--data") -> list[Pair]:
+    """The pairs of a JSON file (image paths joined to ``root``, default the JSON's folder) or of
+    a folder of images with ``.txt`` captions. Every image must exist; a ValueError names the first
+    problem (``flag`` says which option the path came from)."""
+    data = Path(data)
+    if data.is_dir():
+        if root is not None:
+            raise ValueError(f"{flag} {data} is a folder of images with .txt captions: --data-root applies to a JSON file")
+        return _folder_pairs(data, flag)
+    if not data.is_file():
+        raise ValueError(f"{flag} {data}: no such file or folder")
+    root = data.parent if root is None else Path(root)
+    if not root.is_dir():
+        raise ValueError(f"--data-root {root}: no such folder")
+    try:
+        entries = json.loads(data.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{flag} {data}: not a JSON file ({exc})") from None
+    if not isinstance(entries, list):
+        raise ValueError(f"{flag} {data}: expected a JSON list of {{\"image_file\": ..., \"text\": ...}}, "
+                         f"got a {type(entries).__name__}")
+    pairs = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not isinstance(entry.get("image_file"), str):
+            raise ValueError(f"{flag} {data}: entry {i} has no \"image_file\" string: {json.dumps(entry)[:80]}")
+        text = entry.get("text", "")
+        if not isinstance(text, str):
+            raise ValueError(f"{flag} {data}: entry {i} ({entry['image_file']}) has a \"text\" that is not a string")
+        image = root / entry["image_file"]
+        if not image.is_file():
+            raise ValueError(f"{flag} {data}: entry {i}: image {image} not found")
+        pairs.append(Pair(image, text))
+    if not pairs:
+        raise ValueError(f"{flag} {data}: no image/caption pairs")
+    return pairs
+
+
+def _folder_pairs(folder: Path, flag: str) -> list[Pair]:
+    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not images:
+        raise ValueError(f"{flag} {folder}: no images ({', '.join(IMAGE_SUFFIXES)}) in the folder")
+    pairs = []
+    for image in images:
+        caption = image.with_suffix(".txt")
+        if not caption.is_file():
+            raise ValueError(f"{flag} {folder}: image {image.name} has no caption file {caption.name} beside it")
+        pairs.append(Pair(image, caption.read_text(encoding="utf-8").strip()))
+    return pairs
+
+
+def check_images(pairs: list[Pair], flag: str = "--data") -> None:
+    """Open every image's header (cheap: no pixels are decoded): an unreadable file is named
+    before any work. Images that are damaged further in are found when read, and skipped."""
+    for pair in pairs:
+        try:
+            with Image.open(pair.image) as image:
+                image.size  # noqa: B018 - the header is parsed by open
+        except (OSError, Image.DecompressionBombError) as exc:
+            raise ValueError(f"{flag}: {pair.image} is not a readable image ({exc})") from None
+
+
+def open_rgb(path: Path) -> Image.Image:
+    """The whole image decoded (a damaged file raises OSError here, not later) and converted to RGB."""
+    with Image.open(path) as image:
+        image.load()
+        return image.convert("RGB")
+
+
+def vae_pixels(image: Image.Image, resolution: int) -> torch.Tensor:
+    """The reference's UNet-side transform: short side to ``resolution`` (bilinear), centre crop,
+    [-1, 1]; as torchvision's Resize, CenterCrop, ToTensor and Normalize([0.5], [0.5]) do it."""
+    width, height = image.size
+    if width <= height:
+        size = (resolution, int(resolution * height / width))
+    else:
+        size = (int(resolution * width / height), resolution)
+    if size != image.size:
+        image = image.resize(size, Image.BILINEAR)
+    left, top = int(round((size[0] - resolution) / 2.0)), int(round((size[1] - resolution) / 2.0))
+    image = image.crop((left, top, left + resolution, top + resolution))
+    x = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float() / 255
+    return (x - 0.5) / 0.5
+
+
+class PairDataset(torch.utils.data.Dataset):
+    """Item i: the VAE pixels and the CLIP pixels of image i (both from the same raw image, as the
+    reference) and its caption; None when the image cannot be decoded (counted by the caller)."""
+
+    def __init__(self, pairs: list[Pair], resolution: int):
+        self.pairs, self.resolution = pairs, resolution
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> dict | None:
+        pair = self.pairs[index]
+        try:
+            image = open_rgb(pair.image)
+        except (OSError, Image.DecompressionBombError, SyntaxError):
+            return None
+        return {"index": index, "pixels": vae_pixels(image, self.resolution), "clip_pixels": preprocess(image)[0],
+                "text": pair.text}

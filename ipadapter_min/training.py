@@ -4,15 +4,49 @@ pairs trained on the ε-prediction loss, every UNet row conditional with its own
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from .configs import VIT_BIGG, VIT_BIGG_PROJECTION, VIT_H, VIT_H_PROJECTION, VIT_H_TOKENS, AdapterSpec, ImageEncoderConfig, ResamplerConfig
 from .ddim import DDIM
+from .image_encoder import ImageEncoder
 from .ip_adapter import IPAdapter
+from .text_encoder import TextEncoder
+from .tokenizer import Tokenizer
 from .unet import UNet
+from .vae import VAE
 
 # MyDataset.__getitem__'s rates: image only, text only, both (one uniform draw per sample)
 DROP_IMAGE, DROP_TEXT, DROP_BOTH = 0.05, 0.05, 0.05
+VARIANTS = ("base", "plus", "full-face")
+TRAIN_TIMESTEPS = 1000
+
+
+def variant_spec(variant: str, encoder: ImageEncoderConfig) -> AdapterSpec:
+    """The official architecture of a variant: base (4 tokens from the projected embedding; with a
+    ViT-bigG/14 encoder, the vit-G adapter), plus (the 16-query resampler on the penultimate hidden
+    states) or full-face (an MLP on all 257 of them). ViT-H/14 widths, which the releases use."""
+    if variant == "base":
+        if encoder.proj_dim == VIT_BIGG_PROJECTION:
+            return AdapterSpec("vit-g", VIT_BIGG, "image_embeds", VIT_BIGG_PROJECTION, 4)
+        return AdapterSpec("base", VIT_H, "image_embeds", VIT_H_PROJECTION, 4)
+    if variant == "plus":
+        return AdapterSpec("plus", VIT_H, "penultimate", ResamplerConfig().embedding_dim, 16, resampler=ResamplerConfig())
+    if variant == "full-face":
+        return AdapterSpec("full-face", VIT_H, "penultimate", ResamplerConfig().embedding_dim, VIT_H_TOKENS)
+    raise ValueError(f"unknown variant {variant!r}: expected one of {', '.join(VARIANTS)}")
+
+
+def new_adapter(spec: AdapterSpec, unet: UNet) -> IPAdapter:
+    """A fresh adapter for ``unet``: the projection as PyTorch initialises it (as the official
+    script), the image key/value projections copied from the text ones."""
+    adapter = IPAdapter(spec, widths=unet.cross_attention_widths())
+    init_ip_layers_from_unet(adapter, unet)
+    return adapter
 
 
 @torch.no_grad()
@@ -56,3 +90,95 @@ def diffusion_loss(unet: UNet, adapter: IPAdapter, latents: torch.Tensor, text_s
     hook = adapter.hook(adapter(image_features))  # no negative tokens: every row conditional, λ = 1
     pred = unet(add_noise(schedule, latents, noise, timesteps), timesteps, text_states, hook)
     return F.mse_loss(pred.float(), noise.float())
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The CPU generator of one optimizer step's randomness, a function of (seed, step) only: a
+    resumed run draws what the uninterrupted one drew, and every process of a data-parallel run
+    draws the values of all the step's samples and takes its own slice."""
+    state = np.random.SeedSequence([seed, step]).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+@dataclass
+class StepDraws:
+    """Everything random about one step's n samples (all processes, all micro-steps), drawn in
+    one fixed order."""
+    drop_image: torch.Tensor
+    drop_text: torch.Tensor
+    timesteps: torch.Tensor
+    noise: torch.Tensor  # ε, the UNet's target
+    latent_noise: torch.Tensor  # samples the VAE's latent distribution
+
+    @classmethod
+    def draw(cls, n: int, latent_shape: tuple[int, ...], generator: torch.Generator) -> "StepDraws":
+        drop_image, drop_text = draw_drops(n, generator)
+        timesteps = torch.randint(0, TRAIN_TIMESTEPS, (n,), generator=generator)
+        noise = torch.randn((n, *latent_shape), generator=generator)
+        return cls(drop_image, drop_text, timesteps, noise, torch.randn((n, *latent_shape), generator=generator))
+
+    def take(self, rows: torch.Tensor) -> "StepDraws":
+        return StepDraws(*(getattr(self, f)[rows] for f in self.__dataclass_fields__))
+
+
+class FrozenEncoders:
+    """The frozen half of training: text states, VAE latent moments and image features. Only
+    these differ between reading images and reading a --cache."""
+
+    def __init__(self, vae: VAE, text_encoder: TextEncoder, image_encoder: ImageEncoder, spec: AdapterSpec,
+                 tokenizer: Tokenizer | None = None):
+        self.vae, self.text_encoder, self.image_encoder, self.spec = vae, text_encoder, image_encoder, spec
+        self.tokenizer = tokenizer or Tokenizer()
+
+    @torch.no_grad()
+    def text_states(self, texts: list[str], device: torch.device) -> torch.Tensor:
+        return self.text_encoder(self.tokenizer(texts).to(next(self.text_encoder.parameters()).device)).to(device)
+
+    @torch.no_grad()
+    def latent_moments(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) of the VAE's latent distribution (unscaled), fp32."""
+        weight = self.vae.quant_conv.weight
+        mean, logvar = self.vae.encode_moments(pixels.to(weight.device, weight.dtype))
+        return mean.float(), torch.exp(0.5 * logvar.float())
+
+    @torch.no_grad()
+    def image_features(self, clip_pixels: torch.Tensor) -> torch.Tensor:
+        """What the projection consumes: the embedding (base) or penultimate hidden states."""
+        encoder = self.image_encoder
+        pixels = clip_pixels.to(encoder.device, encoder.dtype)
+        return (encoder.penultimate(pixels) if self.spec.uses_hidden_states else encoder(pixels)[0]).float()
+
+    @torch.no_grad()
+    def dropped_image_features(self) -> torch.Tensor:
+        """A dropped image's features, one row: base zeroes the embedding; plus and full-face
+        (tutorial_train_plus.py) zero the pixels and encode them."""
+        size = self.image_encoder.config.image_size
+        zeros = torch.zeros(1, 3, size, size)
+        if self.spec.uses_hidden_states:
+            return self.image_features(zeros)
+        return torch.zeros(1, self.spec.feature_dim, device=self.image_encoder.device)
+
+    def scaled_latents(self, mean: torch.Tensor, std: torch.Tensor, latent_noise: torch.Tensor) -> torch.Tensor:
+        """A sample of the latent distribution (diffusers' latent_dist.sample(): mean + std·ε),
+        times the VAE's scaling factor."""
+        return (mean + std * latent_noise.to(mean.device)) * self.vae.cfg.scaling_factor
+
+
+class AdapterLoss(nn.Module):
+    """The trained module: the adapter (its parameters are the only ones here), with a forward
+    that returns the loss, so that DistributedDataParallel wraps exactly what trains. The frozen
+    UNet is held outside the module tree: DDP neither broadcasts nor watches its 860M weights."""
+
+    def __init__(self, adapter: IPAdapter, unet: UNet, schedule: DDIM):
+        super().__init__()
+        self.adapter = adapter
+        self.frozen = (unet, schedule)
+
+    def forward(self, latents: torch.Tensor | None, text_states: torch.Tensor, image_features: torch.Tensor,
+                noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """``latents`` None: this process has no sample this micro-step (every image damaged); a zero
+        loss still takes part in DDP's gradient averaging."""
+        if latents is None:
+            return sum(p.sum() for p in self.adapter.parameters()) * 0.0
+        unet, schedule = self.frozen
+        return diffusion_loss(unet, self.adapter, latents, text_states, image_features, noise, timesteps, schedule)

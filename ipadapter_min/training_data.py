@@ -128,3 +128,37 @@ class PairDataset(torch.utils.data.Dataset):
             return None
         return {"index": index, "pixels": vae_pixels(image, self.resolution), "clip_pixels": preprocess(image)[0],
                 "text": pair.text}
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The shuffled order of epoch ``epoch``: a function of (seed, epoch) alone."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
+class RankBatches(torch.utils.data.Sampler):
+    """The distributed sampler: the stream of samples is the epochs' shuffled orders one after
+    another; micro-step m takes the next ``batch_size · world_size`` of them (its global batch)
+    and process ``rank`` the ``batch_size`` at its place in it. So one process with batch 2B and
+    two processes with batch B see the same global batches, and a run resumed at any step reads
+    on exactly where it stopped. Yields one list of dataset indices per micro-step."""
+
+    def __init__(self, n: int, batch_size: int, rank: int, world_size: int, seed: int, start_micro_step: int,
+                 micro_steps: int):
+        self.n, self.batch_size, self.rank, self.world_size = n, batch_size, rank, world_size
+        self.seed, self.start, self.stop = seed, start_micro_step, start_micro_step + micro_steps
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __iter__(self):
+        orders: dict[int, torch.Tensor] = {}
+        global_batch = self.batch_size * self.world_size
+        for micro in range(self.start, self.stop):
+            first = micro * global_batch + self.rank * self.batch_size
+            batch = []
+            for position in range(first, first + self.batch_size):
+                epoch = position // self.n
+                if epoch not in orders:
+                    orders = {epoch: epoch_order(self.n, self.seed, epoch)}  # only the current epoch is kept
+                batch.append(int(orders[epoch][position % self.n]))
+            yield batch

@@ -127,11 +127,15 @@ class StridedConv2d(nn.Conv2d):
     fits oneDNN 3.12's AMX bf16 kernel, reported wrong for one-pixel-wide strided outputs,
     pytorch#169688; CPUs without AMX get a correct kernel.) So on the CPU a bf16 input is
     convolved in fp32 and rounded once to bf16: what a correct bf16 convolution gives (it
-    accumulates in fp32 too), the same bits on every call. CUDA and other dtypes take the plain path."""
+    accumulates in fp32 too), the same bits on every call. Under CPU bf16 autocast (mixed-precision
+    training) likewise, with autocast held off for the one op. CUDA and other dtypes take the plain path."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and x.dtype == torch.bfloat16:
-            return self._conv_forward(x.float(), self.weight.float(), self.bias.float()).to(x.dtype)
+        if x.device.type == "cpu" and (x.dtype == torch.bfloat16 or (
+                torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)):
+            with torch.autocast("cpu", enabled=False):
+                y = self._conv_forward(x.float(), self.weight.float(), self.bias.float())
+            return y.to(torch.bfloat16)
         return super().forward(x)
 
 

@@ -27,7 +27,7 @@ LAYERS = [
      "ipadapter_min.ip_adapter", "ipadapter_min.cfg"},
     {"ipadapter_min.loading"},
     {"ipadapter_min.pipeline", "ipadapter_min.ip_pipeline", "ipadapter_min.training", "ipadapter_min.training_data",
-     "ipadapter_min.clip_score"},
+     "ipadapter_min.training_cache", "ipadapter_min.training_checkpoint", "ipadapter_min.clip_score"},
     {"ipadapter_min.sample", "ipadapter_min.train", "ipadapter_min.evaluate", "weights_convert.*"},
     {"benchmarks.*"},
 ]

@@ -1,0 +1,77 @@
+"""Training checkpoints: ``OUT/checkpoint-<step>/``, everything ``--resume`` needs to go on bit
+for bit, written atomically (a temporary folder renamed into place).
+
+    ip-adapter.safetensors, ip-adapter.bin   the adapter in the release's layouts (fp32 / fp16):
+                                             a checkpoint is usable by ``sample`` as it is
+    optimizer.pt                             AdamW's state (and the fp16 loss scaler's), read back
+                                             with torch.load(weights_only=True)
+    state.json                               step, counters and the run's recipe
+
+The data order and every random draw are functions of (seed, step), so no RNG state is stored.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .formats.files import read_state_dict
+from .formats.ip_adapter import save_official, to_project_layout
+
+STATE_FILE, OPTIMIZER_FILE, ADAPTER_FILE = "state.json", "optimizer.pt", "ip-adapter.safetensors"
+
+
+def checkpoint_folder(out: Path, step: int) -> Path:
+    return out / f"checkpoint-{step}"
+
+
+def save_checkpoint(folder: Path, adapter_state: dict[str, torch.Tensor], optimizer_state: dict, state: dict,
+                    overwrite: bool = False) -> None:
+    """Write the checkpoint into a temporary folder beside ``folder`` and rename it into place."""
+    if folder.exists() and not overwrite:
+        raise FileExistsError(f"{folder} already exists (pass --force to overwrite it)")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
+    try:
+        save_official(adapter_state, tmp)
+        torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1, sort_keys=True))
+        os.chmod(tmp, 0o755)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def find_checkpoint(path: Path) -> Path:
+    """``path`` itself if it is a checkpoint, else the latest ``checkpoint-<step>`` inside it."""
+    if (path / STATE_FILE).is_file():
+        return path
+    steps = [int(m.group(1)) for p in (path.iterdir() if path.is_dir() else [])
+             if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)) and (p / STATE_FILE).is_file()]
+    if not steps:
+        raise ValueError(f"--resume {path}: not a checkpoint folder (no {STATE_FILE}) and no checkpoint-<step> in it")
+    return checkpoint_folder(path, max(steps))
+
+
+def read_state(folder: Path) -> dict:
+    try:
+        return json.loads((folder / STATE_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"--resume {folder}: unreadable {STATE_FILE} ({exc})") from None
+
+
+def load_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
+    """(adapter tensors in our layout, fp32; optimizer state; state.json)."""
+    state = read_state(folder)
+    checkpoint, _ = to_project_layout(read_state_dict(folder / ADAPTER_FILE), folder / ADAPTER_FILE)
+    adapter = {k: v.clone() for k, v in checkpoint.tensors.items()}
+    optimizer = torch.load(folder / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+    return adapter, optimizer, state

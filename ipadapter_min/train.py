@@ -15,17 +15,15 @@ import argparse
 import contextlib
 import csv
 import io
-import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from .ddim import DDIM
+from .distributed import Processes
 from .formats.files import message, write_atomically
 from .formats.ip_adapter import save_official
 from .ip_pipeline import check_compatible
@@ -112,40 +110,6 @@ def validate(args: argparse.Namespace) -> list:
     return pairs
 
 
-@dataclass
-class Ranks:
-    """Where this process is in a torchrun launch (world_size 1 without one)."""
-    rank: int
-    world_size: int
-    device: torch.device
-
-    @classmethod
-    def start(cls, device: str | None) -> "Ranks":
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        if world_size == 1:
-            return cls(0, 1, torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        chosen = torch.device(device or (f"cuda:{local}" if torch.cuda.is_available() else "cpu"))
-        if chosen.type == "cuda":
-            torch.cuda.set_device(chosen)
-        dist.init_process_group("nccl" if chosen.type == "cuda" else "gloo")
-        return cls(dist.get_rank(), world_size, chosen)
-
-    def mean(self, value: torch.Tensor) -> float:
-        if self.world_size > 1:
-            value = value.clone()
-            dist.all_reduce(value)
-            value /= self.world_size
-        return value.item()
-
-    def total(self, count: int) -> int:
-        if self.world_size == 1:
-            return count
-        value = torch.tensor([count], dtype=torch.float64, device=self.device)
-        dist.all_reduce(value)
-        return int(value.item())
-
-
 class Log:
     """log.csv (and TensorBoard's event files when tensorboard is installed), rank 0 only. A
     resumed run keeps the rows up to its step and appends."""
@@ -205,8 +169,8 @@ def collate(items: list) -> list:
     return items
 
 
-def train(args: argparse.Namespace, pairs: list, ranks: Ranks) -> int:
-    device, main_process = ranks.device, ranks.rank == 0
+def train(args: argparse.Namespace, pairs: list, ranks: Processes) -> int:
+    device, main_process = ranks.device, ranks.main
     dtype = PRECISIONS[args.mixed_precision]
     if args.resume is not None:
         check_resumable(args, pairs, ranks.world_size)
@@ -341,19 +305,14 @@ def train(args: argparse.Namespace, pairs: list, ranks: Ranks) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    ranks = None
     try:
         pairs = validate(args)
-        ranks = Ranks.start(args.device)
-        if ranks.device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"--device {args.device}: no CUDA device is available here")
-        return train(args, pairs, ranks)
+        return train(args, pairs, Processes.start(args.device))
     except (ValueError, TypeError, OSError, RuntimeError) as exc:  # CheckpointError is a ValueError
         print(f"error: {message(exc)}", file=sys.stderr)
         return 2
     finally:
-        if ranks is not None and ranks.world_size > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+        Processes.stop()
 
 
 if __name__ == "__main__":

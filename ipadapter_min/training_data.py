@@ -1,8 +1,8 @@
 """Image/caption pairs for training and evaluation, and the reference's image transforms.
 
-Two layouts are read: the official JSON list of ``{"image_file": ..., "text": ...}`` (paths
-relative to a data root), and a folder of images each with a ``.txt`` caption beside it (the
-convention of the usual trainers). Everything that can be checked before training is checked
+Three layouts are read: the official JSON list of ``{"image_file": ..., "text": ...}`` (paths
+relative to a data root), a folder of images each with a ``.txt`` caption beside it (the
+convention of the usual trainers), and COCO's captions file (evaluation). Everything that can be checked before training is checked
 here, so that a bad dataset fails in seconds with a one-line error rather than hours in.
 """
 from __future__ import annotations
@@ -60,6 +60,25 @@ def read_pairs(data: str | Path, root: str | Path | None = None, flag: str = "--
         pairs.append(Pair(image, text))
     if not pairs:
         raise ValueError(f"{flag} {data}: no image/caption pairs")
+    return pairs
+
+
+def read_coco(captions: Path, images: Path) -> list[Pair]:
+    """COCO's captions file ({"images": [{id, file_name}], "annotations": [{image_id, caption}]}):
+    one pair per captioned image, its first caption, in image-id order."""
+    try:
+        data = json.loads(captions.read_text(encoding="utf-8"))
+        first = {}
+        for note in data["annotations"]:
+            first.setdefault(note["image_id"], note["caption"].strip())
+        files = sorted((entry["id"], entry["file_name"]) for entry in data["images"])
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"--coco-captions {captions}: not a readable JSON file ({exc})") from None
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"--coco-captions {captions}: not a COCO captions file (missing or bad {exc})") from None
+    pairs = [Pair(images / name, first[image_id]) for image_id, name in files if image_id in first]
+    if not pairs:
+        raise ValueError(f"--coco-captions {captions}: no captioned images")
     return pairs
 
 

@@ -1,7 +1,8 @@
 """The code is layered one way: each module imports only from its own layer or the layers below.
 
     kernels                                   attention kernels; nothing of ours
-    ipadapter_min.configs, ip_layers          architecture numbers and layer tables
+    ipadapter_min.configs, ip_layers          architecture numbers and layer tables; torchrun processes
+      distributed
     ipadapter_min.formats.*                   checkpoint readers and key maps
     ipadapter_min models                      unet, vae, text_encoder, ip_adapter, cfg (batch rows), ...
     ipadapter_min.loading                     formats → checked models
@@ -20,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("kernels", "ipadapter_min", "weights_convert", "benchmarks")
 LAYERS = [
     {"kernels.*"},
-    {"ipadapter_min", "ipadapter_min.configs", "ipadapter_min.ip_layers"},
+    {"ipadapter_min", "ipadapter_min.configs", "ipadapter_min.ip_layers", "ipadapter_min.distributed"},
     {"ipadapter_min.formats.*"},
     {"ipadapter_min.attention", "ipadapter_min.unet", "ipadapter_min.vae", "ipadapter_min.text_encoder",
      "ipadapter_min.tokenizer", "ipadapter_min.ddim", "ipadapter_min.image_encoder", "ipadapter_min.image_projection",

@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train an IP-Adapter for Stable Diffusion 1.5 as the official tutorial_train.py does: "
                     "UNet, VAE, text and image encoders frozen; the image projection and the 16 to_k_ip/to_v_ip "
                     "(initialised from to_k/to_v) trained on the ε-MSE loss at uniform timesteps, AdamW at a "
-                    "constant learning rate; image, text and both dropped 5%% of the time each. Run it under "
+                    "constant learning rate; image, text and both dropped 5% of the time each. Run it under "
                     "torchrun for data-parallel training (DDP: gloo on CPU, NCCL on GPUs); --batch-size is "
                     "per process.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -30,7 +30,8 @@ from .ip_pipeline import check_compatible
 from .loading import load_image_encoder, load_ip_adapter, load_sd15
 from .training import VARIANTS, AdapterLoss, FrozenEncoders, StepDraws, new_adapter, step_generator, variant_spec
 from .training_cache import CachedDataset, TrainingCache, file_fingerprint
-from .training_checkpoint import checkpoint_folder, find_checkpoint, load_checkpoint, read_state, save_checkpoint
+from .training_checkpoint import (checkpoint_folder, find_checkpoint, load_checkpoint, read_state, save_checkpoint,
+                                  saved_steps)
 from .training_data import PairDataset, RankBatches, check_images, read_pairs
 
 PRECISIONS = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -105,6 +106,11 @@ def validate(args: argparse.Namespace) -> list:
         for name in ("ip-adapter.safetensors", "ip-adapter.bin"):
             if (args.out / name).exists():
                 raise ValueError(f"{args.out / name} already exists: this run finished (pass --force to overwrite it)")
+        resumed_at = read_state(args.resume)["step"]
+        later = sorted(s for s in saved_steps(args.out) if s > resumed_at)
+        if later:
+            raise ValueError(f"{checkpoint_folder(args.out, later[0])} is later than --resume {args.resume} and would "
+                             f"be overwritten: resume from the latest, or pass --force")
     pairs = read_pairs(args.data, args.data_root)
     check_images(pairs)
     return pairs
@@ -203,7 +209,11 @@ def train(args: argparse.Namespace, pairs: list, ranks: Processes) -> int:
         scaler.load_state_dict(optimizer_state["scaler"])
         start_step, skipped = state["step"], state["skipped_images"]
     model = AdapterLoss(adapter, unet, DDIM())
-    trained = torch.nn.parallel.DistributedDataParallel(model) if ranks.world_size > 1 else model
+    if ranks.world_size > 1:
+        trained = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    else:
+        trained = model
 
     if args.cache is not None:
         cache = TrainingCache(args.cache, pairs, {

@@ -50,12 +50,17 @@ def save_checkpoint(folder: Path, adapter_state: dict[str, torch.Tensor], optimi
         raise
 
 
+def saved_steps(out: Path) -> list[int]:
+    """The steps of the checkpoints in a run's folder."""
+    return [int(m.group(1)) for p in (out.iterdir() if out.is_dir() else [])
+            if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)) and (p / STATE_FILE).is_file()]
+
+
 def find_checkpoint(path: Path) -> Path:
     """``path`` itself if it is a checkpoint, else the latest ``checkpoint-<step>`` inside it."""
     if (path / STATE_FILE).is_file():
         return path
-    steps = [int(m.group(1)) for p in (path.iterdir() if path.is_dir() else [])
-             if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)) and (p / STATE_FILE).is_file()]
+    steps = saved_steps(path)
     if not steps:
         raise ValueError(f"--resume {path}: not a checkpoint folder (no {STATE_FILE}) and no checkpoint-<step> in it")
     return checkpoint_folder(path, max(steps))

@@ -139,7 +139,10 @@ def test_ctrl_c_saves_a_checkpoint_to_resume_from(four_steps, base_args, tmp_pat
     assert "continue with --resume" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2", "checkpoint-3", "log.csv"]
     monkeypatch.setattr(train_module.StepDraws, "draw", draw)
-    assert run(base_args, out, "--steps", "4", "--save-every", "2", "--resume", str(out / "checkpoint-3")) == 0
+    # resuming from an earlier checkpoint would overwrite checkpoint-3: refused before any work
+    assert run(base_args, out, "--steps", "4", "--save-every", "2", "--resume", str(out / "checkpoint-2")) == 2
+    assert "checkpoint-3 is later than --resume" in capsys.readouterr().err
+    assert run(base_args, out, "--steps", "4", "--save-every", "2", "--resume", str(out)) == 0  # the latest: 3
     assert max_difference(weights(out), weights(four_steps)) == 0
 
 

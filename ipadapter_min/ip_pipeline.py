@@ -14,28 +14,30 @@ from PIL import Image
 
 from kernels import decoupled_attention, decoupled_attention_reference
 
+from .configs import AdapterSpec, ImageEncoderConfig
+from .formats.image_encoder import read_image_encoder
+from .formats.ip_adapter import read_ip_adapter
 from .image_encoder import ImageEncoder, preprocess
 from .ip_adapter import IPAdapter, image_prompt_tokens
-from .formats.ip_adapter import read_ip_adapter
-from .loading import ip_adapter_from_checkpoint, load_image_encoder
+from .loading import image_encoder_from_checkpoint, ip_adapter_from_checkpoint
 from .pipeline import StableDiffusion
 
 
-def check_compatible(adapter: IPAdapter, encoder: ImageEncoder, where: str = "") -> None:
-    """An adapter only works with the encoder it was trained with: say so before any work."""
-    spec, cfg = adapter.spec, encoder.config
-    width = cfg.width if spec.uses_hidden_states else cfg.proj_dim
+def check_compatible(spec: AdapterSpec, encoder: ImageEncoderConfig, where: str = "") -> None:
+    """An adapter only works with the encoder it was trained with: say so before any work (both
+    are known from their files' headers, before any weights are read)."""
+    width = encoder.width if spec.uses_hidden_states else encoder.proj_dim
     if width != spec.feature_dim:
         kind = "hidden width" if spec.uses_hidden_states else "projection width"
         raise ValueError(f"{where}the {spec.variant} IP-Adapter needs a {spec.encoder} image encoder ({spec.encoder_output} "
-                         f"of width {spec.feature_dim}); the given encoder ({cfg.name}) has {kind} {width}")
+                         f"of width {spec.feature_dim}); the given encoder ({encoder.name}) has {kind} {width}")
 
 
 class IPAdapterPipeline:
     """Load once, generate many: ``pipe(prompt, images, scale)``."""
 
     def __init__(self, sd: StableDiffusion, adapter: IPAdapter, encoder: ImageEncoder):
-        check_compatible(adapter, encoder)
+        check_compatible(adapter.spec, encoder.config)
         self.sd, self.adapter, self.encoder = sd, adapter, encoder
 
     @classmethod
@@ -43,12 +45,12 @@ class IPAdapterPipeline:
                    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> "IPAdapterPipeline":
         """SD1.5 weights (any format ``StableDiffusion.from_file`` takes), an official or converted
         IP-Adapter file, and an image-encoder folder or converted file."""
-        checkpoint, spec = read_ip_adapter(ip_adapter)  # a foreign file fails before the big load
+        adapter_file, spec = read_ip_adapter(ip_adapter)  # foreign or mismatched files fail before the big load
+        encoder_file, encoder_config = read_image_encoder(image_encoder)
+        check_compatible(spec, encoder_config, f"{ip_adapter} with {image_encoder}: ")
         sd = StableDiffusion.from_file(model, device=device, dtype=dtype)
-        adapter = ip_adapter_from_checkpoint(checkpoint, spec, device, dtype, sd.unet.cross_attention_widths())
-        encoder = load_image_encoder(image_encoder, device=device, dtype=dtype)
-        check_compatible(adapter, encoder, f"{ip_adapter} with {image_encoder}: ")
-        return cls(sd, adapter, encoder)
+        adapter = ip_adapter_from_checkpoint(adapter_file, spec, device, dtype, sd.unet.cross_attention_widths())
+        return cls(sd, adapter, image_encoder_from_checkpoint(encoder_file, encoder_config, device, dtype))
 
     @torch.no_grad()
     def image_tokens(self, images: Sequence[Image.Image], combine: str = "concat", crop: bool = True

@@ -25,9 +25,10 @@ from tqdm.auto import tqdm
 from .ddim import DDIM
 from .distributed import Processes
 from .formats.files import message, write_atomically
-from .formats.ip_adapter import save_official
+from .formats.image_encoder import read_image_encoder
+from .formats.ip_adapter import read_ip_adapter, save_official
 from .ip_pipeline import check_compatible
-from .loading import load_image_encoder, load_ip_adapter, load_sd15
+from .loading import image_encoder_from_checkpoint, ip_adapter_from_checkpoint, load_sd15
 from .training import VARIANTS, AdapterLoss, FrozenEncoders, StepDraws, new_adapter, step_generator, variant_spec
 from .training_cache import CachedDataset, TrainingCache, file_fingerprint
 from .training_checkpoint import (checkpoint_folder, find_checkpoint, load_checkpoint, read_state, save_checkpoint,
@@ -182,20 +183,23 @@ def train(args: argparse.Namespace, pairs: list, ranks: Processes) -> int:
         check_resumable(args, pairs, ranks.world_size)
     progress = main_process and not args.no_progress
 
+    encoder_file, encoder_config = read_image_encoder(args.image_encoder)  # mismatches fail before loading
+    spec = variant_spec(args.variant, encoder_config)
+    check_compatible(spec, encoder_config, f"--variant {args.variant} with --image-encoder {args.image_encoder}: ")
+    if args.init is not None:
+        init_file, init_spec = read_ip_adapter(args.init)
+        if init_spec.variant != spec.variant:
+            raise ValueError(f"--init {args.init} is a {init_spec.variant} adapter, not --variant {args.variant}")
     sd = load_sd15(args.model, device=device)
     unet = sd["unet"]
     vae, text_encoder = sd["vae"].to(dtype), sd["text_encoder"].to(dtype)
-    image_encoder = load_image_encoder(args.image_encoder, device=device, dtype=dtype)
-    spec = variant_spec(args.variant, image_encoder.config)
+    image_encoder = image_encoder_from_checkpoint(encoder_file, encoder_config, device, dtype)
     if args.init is not None:
-        adapter = load_ip_adapter(args.init, device=device, widths=unet.cross_attention_widths())
-        if adapter.spec.variant != spec.variant:
-            raise ValueError(f"--init {args.init} is a {adapter.spec.variant} adapter, not --variant {args.variant}")
+        adapter = ip_adapter_from_checkpoint(init_file, init_spec, device, widths=unet.cross_attention_widths())
     else:
         torch.manual_seed(args.seed)  # the projection's PyTorch init
         with torch.device(device):
             adapter = new_adapter(spec, unet)
-    check_compatible(adapter, image_encoder, f"--variant {args.variant} with --image-encoder {args.image_encoder}: ")
     adapter.float().train().requires_grad_(True)
     encoders = FrozenEncoders(vae, text_encoder, image_encoder, spec)
 

@@ -126,16 +126,26 @@ class ResamplerConfig:
     ff_mult: int = 4
 
 
+def encoder_name(feature_dim: int, encoder_output: str) -> str:
+    """The image encoder whose output of this width an adapter consumes: the releases' ViT-H/14
+    or ViT-bigG/14, or else one named by the width (a model of our own, e.g. a small demo)."""
+    known = {("image_embeds", VIT_H_PROJECTION): VIT_H, ("image_embeds", VIT_BIGG_PROJECTION): VIT_BIGG,
+             ("penultimate", VIT_H_WIDTH): VIT_H}
+    return known.get((encoder_output, feature_dim), f"custom {feature_dim}-wide")
+
+
 @dataclass(frozen=True)
 class AdapterSpec:
     """What an IP-Adapter file needs, read from its image-projection keys and shapes.
 
     variant: "base" (also _light: same shapes), "vit-g", "plus" (also plus-face), "full-face".
-    encoder: the image encoder it was trained with (``VIT_H`` or ``VIT_BIGG``).
+    encoder: the image encoder it was trained with (``VIT_H``, ``VIT_BIGG`` or :func:`encoder_name`'s
+        "custom …-wide").
     encoder_output: "image_embeds" (the projected embedding, (B, feature_dim)) or "penultimate"
         (hidden states of the last-but-one layer before post-LayerNorm, (B, 257, feature_dim)).
     feature_dim: the width the projection consumes.
     tokens: image tokens per reference image.
+    context_dim: the image tokens' width, which must be the UNet's cross-attention (text-token) width.
     """
     variant: str
     encoder: str
@@ -144,6 +154,13 @@ class AdapterSpec:
     tokens: int
     context_dim: int = CONTEXT_DIM
     resampler: ResamplerConfig | None = field(default=None, repr=False)
+
+    @classmethod
+    def on_embedding(cls, feature_dim: int, tokens: int = 4, context_dim: int = CONTEXT_DIM) -> "AdapterSpec":
+        """The base architecture (Linear + LayerNorm on the projected embedding) for an embedding of
+        this width; on ViT-bigG/14's (1280) it is the vit-G adapter, as the releases name it."""
+        variant = "vit-g" if feature_dim == VIT_BIGG_PROJECTION else "base"
+        return cls(variant, encoder_name(feature_dim, "image_embeds"), "image_embeds", feature_dim, tokens, context_dim)
 
     @property
     def uses_hidden_states(self) -> bool:

@@ -58,7 +58,7 @@ class IPAdapter(nn.Module):
         self.ip_layers = IPAdapterLayers(widths, spec.context_dim)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """Encoder features for N images → (N, tokens, 768)."""
+        """Encoder features for N images → (N, tokens, context_dim)."""
         return self.image_proj(features)
 
     def hook(self, positive: torch.Tensor, negative: torch.Tensor | None = None, scale: object = 1.0, *,
@@ -86,7 +86,7 @@ class ImagePromptAttention:
     (``StableDiffusion.denoise`` does; ComfyUI-like runtimes per call). Left None, it is diffusers'
     layout for the batch the hook is called with: first half unconditional, second half conditional.
     Without ``negative`` (training: every row conditional, each with its own reference image),
-    ``positive`` holds one set of tokens per UNet row, (batch, tokens, 768), and ``rows`` is moot.
+    ``positive`` holds one set of tokens per UNet row, (batch, tokens, context_dim), and ``rows`` is moot.
 
     The image K/V of both token sets are computed at a layer's first call and cached: the tokens
     are the same at every denoising step, so make a new hook when the tokens change (and per step
@@ -209,7 +209,8 @@ def encode_images(encoder: Callable, pixels: torch.Tensor, spec: AdapterSpec,
                   negative_pixels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(features, negative_features) for N reference images, one row per image.
 
-    ``encoder(pixels) -> (image_embeds, penultimate)`` takes normalized pixels (N, 3, 224, 224).
+    ``encoder(pixels) -> (image_embeds, penultimate)`` takes normalized pixels (N, 3, S, S) at its
+    input size S (224 for the releases' encoders; ``preprocess(images, size=S)``).
     The features are the projected embedding (base, light, vit-G) or the penultimate hidden
     states (plus, full-face). The negative features are, as the reference does, a zero embedding or
     the encoder's features of an all-zero normalized pixel tensor; or those of ``negative_pixels``
@@ -262,7 +263,7 @@ def _combine(adapter: IPAdapter, features: torch.Tensor, combine: str, weights: 
 def tokens_from_features(adapter: IPAdapter, features: torch.Tensor, negative_features: torch.Tensor | None = None,
                          *, combine: str = "concat", weights: Sequence[float] | None = None
                          ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(positive, negative) image tokens of one prompt, (1, tokens, 768) each, from the features of
+    """(positive, negative) image tokens of one prompt, (1, tokens, context_dim) each, from the features of
     N reference images; the hook puts them in the UNet batch's rows.
 
     Several images are combined by concatenating their tokens along the token axis (default, as

@@ -17,9 +17,10 @@ from kernels import decoupled_attention, decoupled_attention_reference
 from .configs import AdapterSpec, ImageEncoderConfig
 from .formats.image_encoder import read_image_encoder
 from .formats.ip_adapter import read_ip_adapter
+from .formats.sd15 import read_sd15
 from .image_encoder import ImageEncoder, preprocess
 from .ip_adapter import IPAdapter, image_prompt_tokens
-from .loading import image_encoder_from_checkpoint, ip_adapter_from_checkpoint
+from .loading import check_context_width, image_encoder_from_checkpoint, ip_adapter_from_checkpoint, sd15_from_checkpoint
 from .pipeline import StableDiffusion
 
 
@@ -48,16 +49,20 @@ class IPAdapterPipeline:
         adapter_file, spec = read_ip_adapter(ip_adapter)  # foreign or mismatched files fail before the big load
         encoder_file, encoder_config = read_image_encoder(image_encoder)
         check_compatible(spec, encoder_config, f"{ip_adapter} with {image_encoder}: ")
-        sd = StableDiffusion.from_file(model, device=device, dtype=dtype)
-        adapter = ip_adapter_from_checkpoint(adapter_file, spec, device, dtype, sd.unet.cross_attention_widths())
+        sd_file, sd_configs = read_sd15(model)  # its configs; the tensors stay mapped until built
+        check_context_width(spec, sd_configs["unet"].context_dim, f"{ip_adapter} with {model}")
+        sd = StableDiffusion(**sd15_from_checkpoint(sd_file, sd_configs, device, dtype))
+        adapter = ip_adapter_from_checkpoint(adapter_file, spec, device, dtype, sd.unet.cross_attention_widths(),
+                                             sd.unet.cfg.context_dim)
         return cls(sd, adapter, image_encoder_from_checkpoint(encoder_file, encoder_config, device, dtype))
 
     @torch.no_grad()
     def image_tokens(self, images: Sequence[Image.Image], combine: str = "concat", crop: bool = True
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(positive, negative) image tokens, (1, tokens, 768) each. Several reference images are
-        concatenated (as the reference does) or averaged."""
-        pixels = preprocess(list(images), crop=crop)  # encode_images moves them to the encoder
+        """(positive, negative) image tokens, (1, tokens, context width) each. Several reference
+        images are concatenated (as the reference does) or averaged."""
+        size = self.encoder.config.image_size  # 224 for the releases' encoders
+        pixels = preprocess(list(images), size=size, crop=crop)  # encode_images moves them to the encoder
         return image_prompt_tokens(self.adapter, self.encoder, pixels, combine=combine)
 
     def __call__(self, prompt: str, images: Sequence[Image.Image], scale: object = 1.0, negative_prompt: str = "",

@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from .configs import AdapterSpec, ImageEncoderConfig
+from .configs import CONTEXT_DIM, AdapterSpec, ImageEncoderConfig
 from .formats.files import Checkpoint, CheckpointError, release
 from .formats.image_encoder import read_image_encoder
 from .formats.ip_adapter import read_ip_adapter, to_project_layout
@@ -99,17 +99,33 @@ def build_sd15(checkpoint: Checkpoint, configs: dict[str, object]) -> dict[str, 
             for part, model_cls in SD15_MODELS.items()}
 
 
-def load_sd15(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> dict[str, nn.Module]:
-    """{"unet", "vae", "text_encoder"} from a converted file, an original single file or a diffusers folder."""
-    checkpoint, configs = read_sd15(path)
+def sd15_from_checkpoint(checkpoint: Checkpoint, configs: dict[str, object], device: str | torch.device = "cpu",
+                         dtype: torch.dtype = torch.float32) -> dict[str, nn.Module]:
+    """:func:`load_sd15` after ``read_sd15``, for callers that check the configs first."""
     models = build_sd15(checkpoint, configs)
     return {part: assign(model, checkpoint, device, dtype, f"{part}.") for part, model in models.items()}
 
 
+def load_sd15(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> dict[str, nn.Module]:
+    """{"unet", "vae", "text_encoder"} from a converted file, an original single file or a diffusers folder."""
+    return sd15_from_checkpoint(*read_sd15(path), device, dtype)
+
+
+def check_context_width(spec: AdapterSpec, context_dim: int, where: str) -> None:
+    """The image tokens are attended to beside the text tokens, so they must be as wide as the
+    UNet's cross-attention context. Told apart here, where an adapter meets a UNet, not when its
+    file is read: the file alone cannot say which base model it is for."""
+    if spec.context_dim != context_dim:
+        raise CheckpointError(f"{where}: the adapter's image tokens are {spec.context_dim} wide, this UNet's "
+                              f"cross-attention takes {context_dim} (an adapter for another base model, e.g. SDXL?)")
+
+
 def ip_adapter_from_checkpoint(checkpoint: Checkpoint, spec: AdapterSpec, device: str | torch.device = "cpu",
-                               dtype: torch.dtype = torch.float32, widths: Sequence[int] = CROSS_ATTENTION_WIDTHS
-                               ) -> IPAdapter:
-    """``widths``: the UNet's cross-attention widths (``UNet.cross_attention_widths()``), SD1.5's by default."""
+                               dtype: torch.dtype = torch.float32, widths: Sequence[int] = CROSS_ATTENTION_WIDTHS,
+                               context_dim: int = CONTEXT_DIM) -> IPAdapter:
+    """``widths`` and ``context_dim``: the UNet's cross-attention widths (``UNet.cross_attention_widths()``)
+    and context width (``unet.cfg.context_dim``), SD1.5's by default."""
+    check_context_width(spec, context_dim, checkpoint.source)
     what = f"a {spec.variant} IP-Adapter for " + ("SD1.5" if list(widths) == list(CROSS_ATTENTION_WIDTHS)
                                                   else f"a UNet of cross-attention widths {list(widths)}")
     model = build_checked(lambda: IPAdapter(spec, widths), checkpoint, what)
@@ -118,16 +134,17 @@ def ip_adapter_from_checkpoint(checkpoint: Checkpoint, spec: AdapterSpec, device
 
 def ip_adapter_from_state_dict(state: dict[str, torch.Tensor], source: str = "state dict",
                                device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                               widths: Sequence[int] = CROSS_ATTENTION_WIDTHS) -> IPAdapter:
+                               widths: Sequence[int] = CROSS_ATTENTION_WIDTHS, context_dim: int = CONTEXT_DIM
+                               ) -> IPAdapter:
     """An IP-Adapter from an official or converted state dict (flat keys), every key and shape checked."""
-    return ip_adapter_from_checkpoint(*to_project_layout(state, source), device, dtype, widths)
+    return ip_adapter_from_checkpoint(*to_project_layout(state, source), device, dtype, widths, context_dim)
 
 
 def load_ip_adapter(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                    widths: Sequence[int] = CROSS_ATTENTION_WIDTHS) -> IPAdapter:
+                    widths: Sequence[int] = CROSS_ATTENTION_WIDTHS, context_dim: int = CONTEXT_DIM) -> IPAdapter:
     """An official IP-Adapter file (.bin or .safetensors) or a converted one; the variant comes
     from the keys and shapes."""
-    return ip_adapter_from_checkpoint(*read_ip_adapter(path), device, dtype, widths)
+    return ip_adapter_from_checkpoint(*read_ip_adapter(path), device, dtype, widths, context_dim)
 
 
 def image_encoder_from_checkpoint(checkpoint: Checkpoint, config: ImageEncoderConfig,

@@ -64,8 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "(blocks not named get 0); default 1.0")
     ip.add_argument("--image-combine", choices=["concat", "average"],
                     help="several reference images: concatenate their tokens (as diffusers) or average their embeddings")
-    ip.add_argument("--no-crop", action="store_true", help="resize reference images to 224×224 whole instead of "
-                    "CLIPImageProcessor's shortest-side resize and center crop")
+    ip.add_argument("--no-crop", action="store_true", help="resize reference images whole to the encoder's input size "
+                    "(224×224 for the releases') instead of CLIPImageProcessor's shortest-side resize and center crop")
     ip.add_argument("--reference-attention", action="store_true",
                     help="on CUDA, compute decoupled attention as diffusers does (two SDPA calls, a scale and an "
                     "add) instead of with the fused Triton kernel: slower, for comparing images with the "

@@ -27,8 +27,9 @@ from .distributed import Processes
 from .formats.files import message, write_atomically
 from .formats.image_encoder import read_image_encoder
 from .formats.ip_adapter import read_ip_adapter, save_official
+from .formats.sd15 import read_sd15
 from .ip_pipeline import check_compatible
-from .loading import image_encoder_from_checkpoint, ip_adapter_from_checkpoint, load_sd15
+from .loading import check_context_width, image_encoder_from_checkpoint, ip_adapter_from_checkpoint, sd15_from_checkpoint
 from .training import VARIANTS, AdapterLoss, FrozenEncoders, StepDraws, new_adapter, step_generator, variant_spec
 from .training_cache import CachedDataset, TrainingCache, file_fingerprint
 from .training_checkpoint import (checkpoint_folder, find_checkpoint, load_checkpoint, read_state, save_checkpoint,
@@ -184,18 +185,23 @@ def train(args: argparse.Namespace, pairs: list, ranks: Processes) -> int:
     progress = main_process and not args.no_progress
 
     encoder_file, encoder_config = read_image_encoder(args.image_encoder)  # mismatches fail before loading
-    spec = variant_spec(args.variant, encoder_config)
+    sd_file, sd_configs = read_sd15(args.model)  # its configs; the tensors stay mapped until built
+    context_dim = sd_configs["unet"].context_dim
+    spec = variant_spec(args.variant, encoder_config, context_dim)
     check_compatible(spec, encoder_config, f"--variant {args.variant} with --image-encoder {args.image_encoder}: ")
     if args.init is not None:
         init_file, init_spec = read_ip_adapter(args.init)
         if init_spec.variant != spec.variant:
             raise ValueError(f"--init {args.init} is a {init_spec.variant} adapter, not --variant {args.variant}")
-    sd = load_sd15(args.model, device=device)
+        check_compatible(init_spec, encoder_config, f"--init {args.init} with --image-encoder {args.image_encoder}: ")
+        check_context_width(init_spec, context_dim, f"--init {args.init} with --model {args.model}")
+    sd = sd15_from_checkpoint(sd_file, sd_configs, device)
     unet = sd["unet"]
     vae, text_encoder = sd["vae"].to(dtype), sd["text_encoder"].to(dtype)
     image_encoder = image_encoder_from_checkpoint(encoder_file, encoder_config, device, dtype)
     if args.init is not None:
-        adapter = ip_adapter_from_checkpoint(init_file, init_spec, device, widths=unet.cross_attention_widths())
+        adapter = ip_adapter_from_checkpoint(init_file, init_spec, device, widths=unet.cross_attention_widths(),
+                                             context_dim=context_dim)
     else:
         torch.manual_seed(args.seed)  # the projection's PyTorch init
         with torch.device(device):
@@ -227,7 +233,7 @@ def train(args: argparse.Namespace, pairs: list, ranks: Processes) -> int:
         cache.build(encoders, args.resolution, args.batch_size, ranks.rank, ranks.world_size, progress)
         dataset = CachedDataset(cache)
     else:
-        dataset = PairDataset(pairs, args.resolution)
+        dataset = PairDataset(pairs, args.resolution, encoder_config.image_size)
     accum, batch = args.grad_accum, args.batch_size
     sampler = RankBatches(len(pairs), batch, ranks.rank, ranks.world_size, args.seed, start_step * accum,
                           (args.steps - start_step) * accum)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .configs import VIT_BIGG, VIT_BIGG_PROJECTION, VIT_H, VIT_H_PROJECTION, VIT_H_TOKENS, AdapterSpec, ImageEncoderConfig, ResamplerConfig
+from .configs import CONTEXT_DIM, VIT_H, VIT_H_TOKENS, VIT_H_WIDTH, AdapterSpec, ImageEncoderConfig, ResamplerConfig
 from .ddim import DDIM
 from .image_encoder import ImageEncoder
 from .ip_adapter import IPAdapter
@@ -26,18 +26,19 @@ VARIANTS = ("base", "plus", "full-face")
 TRAIN_TIMESTEPS = 1000
 
 
-def variant_spec(variant: str, encoder: ImageEncoderConfig) -> AdapterSpec:
-    """The official architecture of a variant: base (4 tokens from the projected embedding; with a
-    ViT-bigG/14 encoder, the vit-G adapter), plus (the 16-query resampler on the penultimate hidden
-    states) or full-face (an MLP on all 257 of them). ViT-H/14 widths, which the releases use."""
+def variant_spec(variant: str, encoder: ImageEncoderConfig, context_dim: int = CONTEXT_DIM) -> AdapterSpec:
+    """The official architecture of a variant, its tokens ``context_dim`` wide (the UNet's
+    cross-attention width, as the official scripts take it): base (4 tokens from the projected
+    embedding, of any width; with a ViT-bigG/14 encoder, the vit-G adapter), plus (the 16-query
+    resampler on the penultimate hidden states) or full-face (an MLP on all 257 of them). plus and
+    full-face read ViT-H/14's hidden states, as the releases do."""
     if variant == "base":
-        if encoder.proj_dim == VIT_BIGG_PROJECTION:
-            return AdapterSpec("vit-g", VIT_BIGG, "image_embeds", VIT_BIGG_PROJECTION, 4)
-        return AdapterSpec("base", VIT_H, "image_embeds", VIT_H_PROJECTION, 4)
+        return AdapterSpec.on_embedding(encoder.proj_dim, 4, context_dim)
     if variant == "plus":
-        return AdapterSpec("plus", VIT_H, "penultimate", ResamplerConfig().embedding_dim, 16, resampler=ResamplerConfig())
+        resampler = ResamplerConfig(dim=context_dim, output_dim=context_dim)  # tutorial_train_plus.py's
+        return AdapterSpec("plus", VIT_H, "penultimate", VIT_H_WIDTH, 16, context_dim, resampler)
     if variant == "full-face":
-        return AdapterSpec("full-face", VIT_H, "penultimate", ResamplerConfig().embedding_dim, VIT_H_TOKENS)
+        return AdapterSpec("full-face", VIT_H, "penultimate", VIT_H_WIDTH, VIT_H_TOKENS, context_dim)
     raise ValueError(f"unknown variant {variant!r}: expected one of {', '.join(VARIANTS)}")
 
 

@@ -70,7 +70,7 @@ class TrainingCache:
             dist.barrier()
         self.check_manifest(write=False)
         todo = [i for i in range(rank, len(self.pairs), world_size) if not self.entry(i).is_file()]
-        images = PairDataset(self.pairs, resolution)
+        images = PairDataset(self.pairs, resolution, encoders.image_encoder.config.image_size)
         bar = tqdm(total=len(todo), desc="caching encoder outputs", unit="image", disable=not progress)
         for start in range(0, len(todo), batch_size):
             chunk = todo[start:start + batch_size]

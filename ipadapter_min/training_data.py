@@ -131,10 +131,11 @@ def vae_pixels(image: Image.Image, resolution: int) -> torch.Tensor:
 
 class PairDataset(torch.utils.data.Dataset):
     """Item i: the VAE pixels and the CLIP pixels of image i (both from the same raw image, as the
-    reference) and its caption; None when the image cannot be decoded (counted by the caller)."""
+    reference) and its caption; None when the image cannot be decoded (counted by the caller).
+    ``clip_size``: the image encoder's input size (its ``config.image_size``; 224 for the releases')."""
 
-    def __init__(self, pairs: list[Pair], resolution: int):
-        self.pairs, self.resolution = pairs, resolution
+    def __init__(self, pairs: list[Pair], resolution: int, clip_size: int = 224):
+        self.pairs, self.resolution, self.clip_size = pairs, resolution, clip_size
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -145,8 +146,8 @@ class PairDataset(torch.utils.data.Dataset):
             image = open_rgb(pair.image)
         except (OSError, Image.DecompressionBombError, SyntaxError):
             return None
-        return {"index": index, "pixels": vae_pixels(image, self.resolution), "clip_pixels": preprocess(image)[0],
-                "text": pair.text}
+        return {"index": index, "pixels": vae_pixels(image, self.resolution),
+                "clip_pixels": preprocess(image, size=self.clip_size)[0], "text": pair.text}
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:

@@ -14,16 +14,17 @@ import ipadapter_min.ip_adapter as ipa
 import kernel_spy
 from ipadapter_min.attention import attention
 from kernels import decoupled_attention, decoupled_attention_reference
-from ipadapter_min.configs import VIT_BIGG, VIT_H, ImageEncoderConfig
+from ipadapter_min.configs import VIT_BIGG, VIT_H, ImageEncoderConfig, ResamplerConfig
 from ipadapter_min.formats.ip_adapter import FORMAT, detect_variant
 from ipadapter_min.cfg import CFGBatch, per_row
 from ipadapter_min.image_encoder import preprocess
+from ipadapter_min.image_projection import Resampler
 from ipadapter_min.ip_adapter import IPAdapterLayers, encode_images, image_prompt_tokens, tokens_from_features
 from ipadapter_min.ip_layers import LAYERS, expand_scale
 from ipadapter_min.ip_pipeline import IPAdapterPipeline
 from ipadapter_min.loading import ip_adapter_from_state_dict, load_image_encoder, load_ip_adapter
-from reference_models import (OFFICIAL_WIDTHS, official_state, projection_shapes, random_hf_model, sample_images,
-                              write_official)
+from reference_models import (OFFICIAL_WIDTHS, official_state, projection_shapes, random_hf_model, random_tensors,
+                              sample_images, write_official)
 from ipadapter_min.formats.files import CheckpointError, read_metadata
 from weights_convert.convert import convert_ip_adapter, write_ip_adapter
 
@@ -109,27 +110,51 @@ def test_several_images_concatenate_as_diffusers(states, mini_unet):
 # Variant detection and file errors
 
 
+def _base_shapes(embed, tokens, context):
+    return {"proj.weight": (tokens * context, embed), "proj.bias": (tokens * context,), "norm.weight": (context,),
+            "norm.bias": (context,)}
+
+
+# A plus adapter on a small encoder's 64-wide hidden states, for a UNet of 128-wide context
+SMALL_RESAMPLER = ResamplerConfig(dim=128, depth=2, heads=2, num_queries=8, embedding_dim=64, output_dim=128)
+
+
 @pytest.mark.parametrize("variant,expected", [
-    ("base", ("base", VIT_H, "image_embeds", 1024, 4)),
-    ("light", ("base", VIT_H, "image_embeds", 1024, 4)),
-    ("vit-g", ("vit-g", VIT_BIGG, "image_embeds", 1280, 4)),
-    ("plus", ("plus", VIT_H, "penultimate", 1280, 16)),
-    ("full-face", ("full-face", VIT_H, "penultimate", 1280, 257)),
+    ("base", ("base", VIT_H, "image_embeds", 1024, 4, 768)),
+    ("light", ("base", VIT_H, "image_embeds", 1024, 4, 768)),
+    ("vit-g", ("vit-g", VIT_BIGG, "image_embeds", 1280, 4, 768)),
+    ("plus", ("plus", VIT_H, "penultimate", 1280, 16, 768)),
+    ("full-face", ("full-face", VIT_H, "penultimate", 1280, 257, 768)),
+    # not releases: a demo model's adapter, SDXL's token width, an unknown embedding
+    (_base_shapes(128, 4, 128), ("base", "custom 128-wide", "image_embeds", 128, 4, 128)),
+    (_base_shapes(1280, 4, 2048), ("vit-g", VIT_BIGG, "image_embeds", 1280, 4, 2048)),
+    (_base_shapes(512, 16, 768), ("base", "custom 512-wide", "image_embeds", 512, 16, 768)),
+    ("small plus", ("plus", "custom 64-wide", "penultimate", 64, 8, 128)),
 ])
 def test_detect_variant(variant, expected):
-    spec = detect_variant(projection_shapes(variant))
-    assert (spec.variant, spec.encoder, spec.encoder_output, spec.feature_dim, spec.tokens) == expected
+    """Any embedding and token width is read from the shapes; whether the tokens fit a UNet is
+    checked when the adapter meets one (test_adapter_for_another_base_model_is_refused)."""
+    if variant == "small plus":
+        shapes = {k: v.shape for k, v in Resampler(SMALL_RESAMPLER).state_dict().items()}
+    else:
+        shapes = projection_shapes(variant) if isinstance(variant, str) else variant
+    spec = detect_variant(shapes)
+    assert (spec.variant, spec.encoder, spec.encoder_output, spec.feature_dim, spec.tokens, spec.context_dim) == expected
     if variant == "plus":
         c = spec.resampler
         assert (c.dim, c.depth, c.dim_head, c.heads, c.num_queries, c.embedding_dim, c.output_dim, c.ff_mult) == \
             (768, 4, 64, 12, 16, 1280, 768, 4)
+    if variant == "small plus":
+        assert spec.resampler == SMALL_RESAMPLER
 
 
 @pytest.mark.parametrize("shapes,message", [
     ({"proj.0.weight": (3072, 512), "proj.0.bias": (3072,), "proj.2.weight": (3072, 3072), "proj.2.bias": (3072,),
       "norm.weight": (768,), "norm.bias": (768,)}, "FaceID"),
-    ({"proj.weight": (8192, 1280), "proj.bias": (8192,), "norm.weight": (2048,), "norm.bias": (2048,)}, "2048"),
-    ({"proj.weight": (3072, 512), "proj.bias": (3072,), "norm.weight": (768,), "norm.bias": (768,)}, "512"),
+    ({"proj.weight": (3070, 1024), "proj.bias": (3070,), "norm.weight": (768,), "norm.bias": (768,)},
+     "3070 outputs, not a multiple of 768"),
+    ({"proj.0.weight": (1024, 1024), "proj.2.weight": (768, 1024), "proj.3.weight": (768,)},
+     "1024-wide hidden states, expected ViT-H/14's 1280"),
     ({"proj.weight": (3072, 1024)}, "image_proj.norm.weight"),
     ({"something": (3,)}, "not an IP-Adapter"),
 ])
@@ -140,6 +165,20 @@ def test_detect_variant_errors(shapes, message):
 
 def _flat(state):
     return {f"{part}.{k}": v for part, tensors in state.items() for k, v in tensors.items()}
+
+
+def test_adapter_for_another_base_model_is_refused(states):
+    """An adapter whose tokens are SDXL's 2048 wide reads as a vit-G-shaped adapter, and is
+    refused where it meets a UNet of 768-wide context (SD1.5's, by default), before anything is built."""
+    state = _flat(states["base"])
+    state.update({f"image_proj.{k}": v for k, v in random_tensors(_base_shapes(1280, 4, 2048), 0, torch.float16).items()})
+    message = ("/some/sdxl.bin: the adapter's image tokens are 2048 wide, this UNet's cross-attention takes 768 "
+               "(an adapter for another base model, e.g. SDXL?)")
+    with pytest.raises(CheckpointError) as info:
+        ip_adapter_from_state_dict(state, "/some/sdxl.bin")
+    assert str(info.value) == message
+    with pytest.raises(CheckpointError, match="image tokens are 768 wide, this UNet's cross-attention takes 128"):
+        ip_adapter_from_state_dict(_flat(states["base"]), "/some/sd15.bin", context_dim=128)
 
 
 @pytest.mark.parametrize("edit,message", [
@@ -188,6 +227,7 @@ def test_convert_round_trip(states, tmp_path):
     assert "plus" in summary
     meta = read_metadata(out)
     assert meta["format"] == FORMAT and meta["variant"] == "plus" and meta["tokens"] == "16"
+    assert (meta["encoder"], meta["feature_dim"], meta["context_dim"]) == (VIT_H, "1280", "768")
     tensors, _ = convert_ip_adapter(src)
     assert set(tensors) == {f"image_proj.{k}" for k in states["plus"]["image_proj"]} | {
         f"ip_layers.{i}.to_{kv}_ip.weight" for i in range(16) for kv in "kv"}
@@ -201,6 +241,16 @@ def test_convert_round_trip(states, tmp_path):
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     assert next(b.parameters()).dtype == torch.float16
+    # the recorded shape facts are checked against the weights; files written without them still read
+    edited = tmp_path / "edited.safetensors"
+    for metadata, error in (({**meta, "context_dim": "2048"}, "metadata says context_dim '2048', the weights give '768'"),
+                            ({k: v for k, v in meta.items() if k not in ("feature_dim", "context_dim")}, None)):
+        save_file(tensors, str(edited), metadata=metadata)
+        if error is None:
+            assert load_ip_adapter(edited).spec == a.spec
+        else:
+            with pytest.raises(CheckpointError, match=error):
+                load_ip_adapter(edited)
 
 
 # ---------------------------------------------------------------------------------------------

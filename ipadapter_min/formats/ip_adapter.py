@@ -8,7 +8,8 @@ an already converted file. Output keys are ``ipadapter_min.ip_adapter.IPAdapter`
     ip_layers.<0..15>.to_v_ip.weight          to the order the UNet runs its cross-attention layers
 
 Metadata: format, format_version, variant (base | vit-g | plus | full-face, from keys and shapes),
-encoder, encoder_output, tokens, source (the input's file name, for information only).
+encoder, encoder_output, feature_dim, tokens, context_dim, source (the input's file name, for
+information only). Files written before feature_dim and context_dim were recorded read the same.
 """
 from __future__ import annotations
 
@@ -19,13 +20,13 @@ from typing import Mapping
 
 import torch
 
-from ..configs import (CONTEXT_DIM, VIT_BIGG, VIT_BIGG_PROJECTION, VIT_H, VIT_H_PROJECTION, VIT_H_TOKENS, VIT_H_WIDTH,
-                       AdapterSpec, ResamplerConfig)
+from ..configs import VIT_H, VIT_H_TOKENS, VIT_H_WIDTH, AdapterSpec, ResamplerConfig, encoder_name
 from ..ip_layers import LAYER_OF_OFFICIAL, LAYERS, NUM_LAYERS
 from .files import Checkpoint, CheckpointError, read_metadata, read_state_dict, save_safetensors, write_atomically
 
 FORMAT = "ipadapter_min.ip_adapter"
 FORMAT_VERSION = "1"
+RECORDED = ("variant", "encoder", "encoder_output", "feature_dim", "tokens", "context_dim")  # spec fields in the metadata
 
 
 def official_key(key: str) -> str:
@@ -72,8 +73,11 @@ def read_ip_adapter(path: str | os.PathLike) -> tuple[Checkpoint, AdapterSpec]:
     if fmt is not None and fmt.startswith("ipadapter_min.") and fmt != FORMAT:  # another of our files
         raise CheckpointError(f"{path}: a {fmt!r} file, not an IP-Adapter ({FORMAT!r})")
     checkpoint, spec = to_project_layout(read_state_dict(path), path)
-    if fmt == FORMAT and "variant" in metadata and metadata["variant"] != spec.variant:
-        raise CheckpointError(f"{path}: metadata says variant {metadata['variant']!r}, the weights are {spec.variant!r}")
+    if fmt == FORMAT:
+        for key in RECORDED:  # each read from the weights again: a file edited since is refused
+            found = str(getattr(spec, key))
+            if metadata.get(key, found) != found:
+                raise CheckpointError(f"{path}: metadata says {key} {metadata[key]!r}, the weights give {found!r}")
     return checkpoint, spec
 
 
@@ -107,8 +111,8 @@ def save_official(tensors: Mapping[str, torch.Tensor], folder: str | os.PathLike
 
 def ip_adapter_metadata(spec: AdapterSpec, source: str | os.PathLike) -> dict[str, str]:
     """The metadata of a converted IP-Adapter file."""
-    return {"format": FORMAT, "format_version": FORMAT_VERSION, "variant": spec.variant, "encoder": spec.encoder,
-            "encoder_output": spec.encoder_output, "tokens": str(spec.tokens), "source": Path(source).name}
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, **{key: str(getattr(spec, key)) for key in RECORDED},
+            "source": Path(source).name}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -125,15 +129,13 @@ def _shape(state: Mapping, key: str, source: str, ndim: int) -> tuple[int, ...]:
     return shape
 
 
-def _check_context(width: int, key: str, source: str) -> None:
-    if width != CONTEXT_DIM:
-        raise CheckpointError(f"{source}: 'image_proj.{key}' gives token width {width}, SD1.5 needs {CONTEXT_DIM} "
-                              f"(an adapter for another base model, e.g. SDXL's 2048?)")
-
-
 def detect_variant(state: Mapping[str, object], source: str = "checkpoint") -> AdapterSpec:
     """Tell the IP-Adapter variant from the image-projection state (keys without ``image_proj.``;
-    values are tensors or shapes). Raises a one-line :class:`CheckpointError` naming ``source``."""
+    values are tensors or shapes). Raises a one-line :class:`CheckpointError` naming ``source``.
+
+    Any token width (``context_dim``) is accepted here: whether it fits a UNet is checked where the
+    adapter meets one (``loading.check_context_width``). Base and plus take embeddings and hidden
+    states of any width, so that adapters for small models of our own read as the releases do."""
     keys = set(state)
     if any(k.startswith("perceiver_resampler.") for k in keys) or (
             "proj.0.weight" in keys and "norm.weight" in keys and "proj.3.weight" not in keys):
@@ -143,42 +145,32 @@ def detect_variant(state: Mapping[str, object], source: str = "checkpoint") -> A
     if "proj.weight" in keys:
         out, embed = _shape(state, "proj.weight", source, 2)
         (width,) = _shape(state, "norm.weight", source, 1)
-        _check_context(width, "norm.weight", source)
         if out % width:
             raise CheckpointError(f"{source}: 'image_proj.proj.weight' has {out} outputs, not a multiple of {width}")
-        if embed == VIT_H_PROJECTION:
-            return AdapterSpec("base", VIT_H, "image_embeds", embed, out // width)
-        if embed == VIT_BIGG_PROJECTION:
-            return AdapterSpec("vit-g", VIT_BIGG, "image_embeds", embed, out // width)
-        raise CheckpointError(f"{source}: 'image_proj.proj.weight' takes {embed}-wide image embeddings; known are "
-                              f"{VIT_H_PROJECTION} (ViT-H/14) and {VIT_BIGG_PROJECTION} (ViT-bigG/14)")
+        return AdapterSpec.on_embedding(embed, out // width, width)
     if "proj.3.weight" in keys:
         hidden, embed = _shape(state, "proj.0.weight", source, 2)
         width, _ = _shape(state, "proj.2.weight", source, 2)
-        _check_context(width, "proj.2.weight", source)
-        if embed != VIT_H_WIDTH:
+        if embed != VIT_H_WIDTH:  # one token per hidden state: the count is ViT-H/14's only for its width
             raise CheckpointError(f"{source}: 'image_proj.proj.0.weight' takes {embed}-wide hidden states, "
                                   f"expected ViT-H/14's {VIT_H_WIDTH}")
-        return AdapterSpec("full-face", VIT_H, "penultimate", embed, VIT_H_TOKENS)
+        return AdapterSpec("full-face", VIT_H, "penultimate", embed, VIT_H_TOKENS, width)
     if "latents" in keys:
         _, queries, dim = _shape(state, "latents", source, 3)
         _, embed = _shape(state, "proj_in.weight", source, 2)
         output, _ = _shape(state, "proj_out.weight", source, 2)
-        _check_context(output, "proj_out.weight", source)
         depth = sum(1 for k in keys if k.startswith("layers.") and k.endswith(".0.to_q.weight"))
         if depth == 0:
             raise CheckpointError(f"{source}: missing key 'image_proj.layers.0.0.to_q.weight'")
         inner, _ = _shape(state, "layers.0.0.to_q.weight", source, 2)
         ff, _ = _shape(state, "layers.0.1.1.weight", source, 2)
         dim_head = ResamplerConfig.dim_head  # not recorded in the file; the release uses 64
-        if embed != VIT_H_WIDTH:
-            raise CheckpointError(f"{source}: 'image_proj.proj_in.weight' takes {embed}-wide hidden states, "
-                                  f"expected ViT-H/14's {VIT_H_WIDTH}")
         if inner % dim_head or ff % dim:
             raise CheckpointError(f"{source}: resampler widths (attention {inner}, feed-forward {ff}) do not fit "
                                   f"dim_head {dim_head} and dim {dim}")
         config = ResamplerConfig(dim=dim, depth=depth, dim_head=dim_head, heads=inner // dim_head,
                                  num_queries=queries, embedding_dim=embed, output_dim=output, ff_mult=ff // dim)
-        return AdapterSpec("plus", VIT_H, "penultimate", embed, queries, resampler=config)
+        return AdapterSpec("plus", encoder_name(embed, "penultimate"), "penultimate", embed, queries, output,
+                           resampler=config)
     raise CheckpointError(f"{source}: not an IP-Adapter image projection (none of 'image_proj.proj.weight', "
                           f"'image_proj.proj.3.weight', 'image_proj.latents' found)")

@@ -7,8 +7,8 @@
     ipadapter_min models                      unet, vae, text_encoder, ip_adapter, cfg (batch rows), ...
     ipadapter_min.loading                     formats → checked models
     ipadapter_min.pipeline, ip_pipeline       generation; training (recipe, data); CLIP scores
-    ipadapter_min.sample, train, evaluate,    command lines
-      weights_convert
+    ipadapter_min.sample, train, evaluate,    command lines; the demo world, whose stages run them
+      demo, weights_convert
     benchmarks                                measurements
 
 The graph is read from the source (every ``import``, also inside functions), so a lazy import
@@ -29,7 +29,7 @@ LAYERS = [
     {"ipadapter_min.loading"},
     {"ipadapter_min.pipeline", "ipadapter_min.ip_pipeline", "ipadapter_min.training", "ipadapter_min.training_data",
      "ipadapter_min.training_cache", "ipadapter_min.training_checkpoint", "ipadapter_min.clip_score"},
-    {"ipadapter_min.sample", "ipadapter_min.train", "ipadapter_min.evaluate", "weights_convert.*"},
+    {"ipadapter_min.sample", "ipadapter_min.train", "ipadapter_min.evaluate", "ipadapter_min.demo.*", "weights_convert.*"},
     {"benchmarks.*"},
 ]
 

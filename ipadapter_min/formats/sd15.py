@@ -2,8 +2,9 @@
 
 The project's layout is one safetensors file whose keys are ``unet.*``, ``vae.*`` and
 ``text_encoder.*`` — exactly the module names of ``ipadapter_min``'s models — with the model
-configs as JSON in the file's metadata. Readers rename; ``loading`` checks every key and shape
-against the models it builds. Two source formats are read:
+configs as JSON in the file's metadata (or a folder of one such file per model, as the demo
+ships). Readers rename; ``loading`` checks every key and shape against the models it builds. Two
+source formats are read:
 
 * the original single file (``model.diffusion_model.*``, ``first_stage_model.*``,
   ``cond_stage_model.transformer.*``): our module names *are* its names, so it needs only
@@ -232,14 +233,31 @@ def read_single_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, obj
     return tensors, configs, origin
 
 
-def read_converted(path: Path, metadata: dict[str, str]) -> tuple[dict[str, torch.Tensor], dict[str, object], dict[str, str]]:
+def read_converted(path: Path, metadata: dict[str, str], parts: tuple[str, ...] = tuple(PARTS)
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, object], dict[str, str]]:
     configs = {}
-    for part, config_cls in PARTS.items():
+    for part in parts:
         try:
-            configs[part] = config_from_json(config_cls, metadata[f"{part}_config"])
+            configs[part] = config_from_json(PARTS[part], metadata[f"{part}_config"])
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{path}: metadata {part}_config is missing or invalid ({exc})") from None
     return read_state_dict(path), configs, {}
+
+
+def read_converted_parts(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, object], dict[str, str]]:
+    """A folder of one converted file per model (``unet.safetensors``, ``vae.safetensors``,
+    ``text_encoder.safetensors``, each with its own config): how the demo ships, so that each of
+    its training stages writes its own file."""
+    tensors, configs = {}, {}
+    for part in PARTS:
+        path = folder / f"{part}.safetensors"
+        metadata = read_metadata(path) if path.is_file() else {}
+        if metadata.get("format") != FORMAT:
+            raise CheckpointError(f"{path}: missing, or not a converted {part} file (format {FORMAT!r})")
+        part_tensors, part_configs, _ = read_converted(path, metadata, (part,))
+        tensors.update(part_tensors)
+        configs.update(part_configs)
+    return tensors, configs, {}
 
 
 def config_from_json(config_cls, text: str):
@@ -250,7 +268,9 @@ def config_from_json(config_cls, text: str):
 def read_sd15(path: str | Path) -> tuple[Checkpoint, dict[str, object]]:
     """Any supported SD1.5 checkpoint → (its tensors renamed to our layout, model configs)."""
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() and (path / "unet.safetensors").is_file():
+        tensors, configs, origin = read_converted_parts(path)
+    elif path.is_dir():
         tensors, configs, origin = read_diffusers(path)
     elif not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")

@@ -1,6 +1,8 @@
 """``python -m ipadapter_min.sample``: generate images from a prompt and, with an IP-Adapter,
 from reference images.
 
+    python -m ipadapter_min.sample --prompt "a large red star on the left" --out star.png   # the demo model
+    python -m ipadapter_min.sample --image ref.png --out variation.png                      # demo + image prompt
     python -m ipadapter_min.sample --model sd15.safetensors --prompt "a red bicycle" --out bike.png
     python -m ipadapter_min.sample --model sd15.safetensors --ip-adapter ip-adapter_sd15.bin \
         --image-encoder models/image_encoder --image ref.png --prompt "" --scale 0.7 --out out.png
@@ -15,6 +17,7 @@ from pathlib import Path
 import torch
 from PIL import Image, PngImagePlugin
 
+from . import demo
 from .ddim import DDIM
 from .formats.files import message, write_atomically
 from .ip_layers import expand_scale
@@ -30,16 +33,18 @@ def build_parser() -> argparse.ArgumentParser:
         description="Generate images with Stable Diffusion 1.5 (DDIM, classifier-free guidance). "
                     "The same seed gives the same image as diffusers' StableDiffusionPipeline with DDIMScheduler.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", required=True, type=Path,
+    p.add_argument("--model", type=Path,
                    help="SD1.5 weights: a file made by `python -m weights_convert sd15`, an original single-file "
-                        "checkpoint (.safetensors or .ckpt), or a diffusers folder")
+                        "checkpoint (.safetensors or .ckpt), or a diffusers folder. Without it: the demo model "
+                        "shipped in the package (a toy world of coloured shapes at 64×64, trained here; see the "
+                        "README), with its own IP-Adapter and image encoder for --image")
     p.add_argument("--prompt", default="", help="what the image should show")
     p.add_argument("--negative-prompt", default="", help="what the image should not show (used by guidance)")
     p.add_argument("--steps", type=int, default=30, help="DDIM steps")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale; ≤ 1 turns it off")
     p.add_argument("--seed", type=int, default=0, help="seed of the starting noise (drawn on the CPU, as diffusers does)")
-    p.add_argument("--width", type=int, default=512, help="image width, a multiple of 8")
-    p.add_argument("--height", type=int, default=512, help="image height, a multiple of 8")
+    p.add_argument("--width", type=int, help="image width, a multiple of 8 (default 512; the demo model's 64)")
+    p.add_argument("--height", type=int, help="image height, a multiple of 8 (default 512; the demo model's 64)")
     p.add_argument("--num-images", type=int, default=1, help="images to generate; several are written as OUT-0.png, OUT-1.png, …")
     p.add_argument("--clip-skip", type=int, default=0, help="stop the text encoder this many layers early (diffusers' clip_skip)")
     p.add_argument("--out", type=Path, default=Path("out.png"), help="PNG file to write")
@@ -94,10 +99,25 @@ def output_paths(out: Path, count: int) -> list[Path]:
     return [out] if count == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(count)]
 
 
+def use_demo_model(args: argparse.Namespace) -> None:
+    """No --model: the demo world's weights, at their native size; an --image alone gets the demo's
+    adapter and image encoder."""
+    if not demo.installed():
+        raise ValueError(f"no --model given, and the demo weights are not in this install ({demo.WEIGHTS}): "
+                         f"give --model, or train them with python -m ipadapter_min.demo train")
+    args.model = demo.WEIGHTS
+    args.width, args.height = args.width or demo.NATIVE_SIZE, args.height or demo.NATIVE_SIZE
+    if args.image and not args.ip_adapter and not args.image_encoder:
+        args.ip_adapter, args.image_encoder = demo.ADAPTER, demo.IMAGE_ENCODER
+
+
 def validate(args: argparse.Namespace) -> list[Path]:
     """Every check that needs no model, so bad input fails before minutes of loading."""
+    if args.model is None:
+        use_demo_model(args)
     if not args.model.exists():
         raise ValueError(f"--model {args.model}: no such file or folder")
+    args.width, args.height = args.width or 512, args.height or 512
     check_size(args.width, args.height)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: no CUDA device is available here (use --device cpu)")

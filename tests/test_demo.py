@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ipadapter_min import sample
+from ipadapter_min import demo, sample
 from ipadapter_min.demo import __main__ as demo_cli
 from ipadapter_min.demo.stage import run_stage, schedule
 from ipadapter_min.demo.world import ATTRIBUTES, POSITION_WORDS, full_caption, render, scenes, training_caption
@@ -55,7 +55,7 @@ def test_stage_resumes_bit_for_bit(tmp_path):
     assert (tmp_path / "b" / "log.csv").read_text().count("\n") == 7  # header + 6 steps, none twice
 
 
-def test_smoke_run_of_every_stage_gives_weights_sample_loads(tmp_path, capsys):
+def test_smoke_run_of_every_stage_gives_weights_sample_loads(tmp_path, monkeypatch):
     out = tmp_path / "demo"
     assert demo_cli.main(["train", "--out", str(out), "--smoke", "--no-progress"]) == 0
     weights = out / "weights"
@@ -65,9 +65,24 @@ def test_smoke_run_of_every_stage_gives_weights_sample_loads(tmp_path, capsys):
     table = load_file(weights / "text_encoder.safetensors")["text_encoder.embeddings.token_embedding.weight"]
     assert 30 < int((table.abs().sum(1) > 0).sum()) < 60  # only the world's words keep their rows
     reference = out / "adapter" / "data" / "000001.png"
-    common = ["--model", str(weights), "--width", "64", "--height", "64", "--steps", "4", "--no-progress"]
+    common = ["--model", str(weights), "--width", "64", "--height", "64", "--steps", "4", "--seed", "0", "--no-progress"]
     assert sample.main([*common, "--prompt", "a red circle", "--out", str(tmp_path / "text.png")]) == 0
     assert sample.main([*common, "--ip-adapter", str(weights / "ip_adapter.safetensors"), "--image-encoder",
                         str(weights / "image_encoder.safetensors"), "--image", str(reference),
                         "--out", str(tmp_path / "image.png")]) == 0
     assert (tmp_path / "text.png").is_file() and (tmp_path / "image.png").is_file()
+
+    # without --model, sample takes the demo weights (here: the smoke run's) at 64×64, and for
+    # --image alone the demo's adapter and encoder
+    monkeypatch.setattr(demo, "WEIGHTS", weights)
+    monkeypatch.setattr(demo, "ADAPTER", weights / "ip_adapter.safetensors")
+    monkeypatch.setattr(demo, "IMAGE_ENCODER", weights / "image_encoder.safetensors")
+    assert sample.main(["--prompt", "a red circle", "--steps", "4", "--seed", "0", "--no-progress",
+                        "--out", str(tmp_path / "default.png")]) == 0
+    assert sample.main(["--image", str(reference), "--steps", "4", "--no-progress",
+                        "--out", str(tmp_path / "default-image.png")]) == 0
+    from PIL import Image
+    assert Image.open(tmp_path / "default.png").size == (64, 64)
+    assert Image.open(tmp_path / "default.png").tobytes() == Image.open(tmp_path / "text.png").tobytes()
+    monkeypatch.setattr(demo, "WEIGHTS", tmp_path / "nowhere")
+    assert sample.main(["--prompt", "x", "--out", str(tmp_path / "none.png")]) == 2

@@ -192,7 +192,10 @@ def test_sample_defaults_and_help_say_what_the_code_does(tmp_path):
         return {n: p.default for n, p in inspect.signature(fn).parameters.items() if p.default is not p.empty}
 
     parser = sample.build_parser()
-    args = parser.parse_args(["--model", "m"])
+    for name in ("m", "a.bin", "enc", "r.png"):
+        (tmp_path / name).write_bytes(b"x")
+    args = parser.parse_args(["--model", str(tmp_path / "m"), "--out", str(tmp_path / "o.png"), "--device", "cpu"])
+    sample.validate(args)  # fills in what depends on the model (the size: 512, or the demo model's 64)
     sd = defaults(StableDiffusion.__call__)
     for name in ("negative_prompt", "steps", "guidance", "seed", "width", "height", "num_images", "clip_skip"):
         assert getattr(args, name) == sd[name], f"--{name.replace('_', '-')} {getattr(args, name)!r} vs {sd[name]!r}"
@@ -204,8 +207,6 @@ def test_sample_defaults_and_help_say_what_the_code_does(tmp_path):
 
     # The image-prompt options have no argparse default (so that validate can tell they were given
     # without an image prompt); validate fills them in, and the help states λ's in words.
-    for name in ("m", "a.bin", "enc", "r.png"):
-        (tmp_path / name).write_bytes(b"x")
     ip_args = parser.parse_args(["--model", str(tmp_path / "m"), "--ip-adapter", str(tmp_path / "a.bin"),
                                  "--image-encoder", str(tmp_path / "enc"), "--image", str(tmp_path / "r.png"),
                                  "--out", str(tmp_path / "o.png"), "--device", "cpu"])

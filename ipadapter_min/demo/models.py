@@ -16,5 +16,7 @@ WIDTH = 128  # text width = cross-attention context = image embedding: image tok
 UNET = UNetConfig(channels=32, heads=4, context_dim=WIDTH, groups=8)
 VAE = VAEConfig(channels=32, channel_mult=(1, 2, 2, 2), res_blocks=1, groups=8)  # scaling_factor set by training
 TEXT = TextEncoderConfig(width=WIDTH, layers=4, heads=4, mlp_width=4 * WIDTH)
+# QuickGELU as the text encoder (CLIP's): open_clip builds both towers with one activation, and the
+# demo's CLIP is read by open_clip for `python -m ipadapter_min.evaluate`.
 IMAGE = ImageEncoderConfig(width=WIDTH, layers=4, heads=4, mlp_width=4 * WIDTH, patch_size=8, image_size=RESOLUTION,
-                           proj_dim=WIDTH)
+                           proj_dim=WIDTH, act="quick_gelu")

@@ -82,3 +82,40 @@ def zero_shot_accuracy(model: DemoCLIP, seed: int, count: int = 200) -> dict[str
 def _with(scene, name: str, value: str):
     from dataclasses import replace
     return replace(scene, **{name: value})
+
+
+# Our text encoder's names → open_clip's text tower's (per layer, then the rest).
+TEXT_LAYER_TO_OPEN_CLIP = [("layer_norm1.", "ln_1."), ("layer_norm2.", "ln_2."), ("self_attn.out_proj.", "attn.out_proj."),
+                           ("mlp.fc1.", "mlp.c_fc."), ("mlp.fc2.", "mlp.c_proj.")]
+TEXT_TO_OPEN_CLIP = [("embeddings.token_embedding.", "token_embedding."), ("final_layer_norm.", "ln_final.")]
+
+
+def open_clip_checkpoint(text: dict[str, torch.Tensor], image: dict[str, torch.Tensor],
+                         head: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
+    """The demo CLIP in open_clip's ``CLIP`` layout, and its model config, from the demo's shipped
+    parts (text encoder keys without ``text_encoder.``, image encoder keys ``visual.*``, and
+    ``text_projection`` / ``logit_scale``): what ``python -m ipadapter_min.evaluate --clip`` reads."""
+    state = dict(image)
+    state["positional_embedding"] = text["embeddings.position_embedding.weight"]
+    state["text_projection"] = head["text_projection"].T.contiguous()  # open_clip: x @ text_projection
+    state["logit_scale"] = head["logit_scale"]
+    for key, value in text.items():
+        if key.startswith("encoder.layers."):
+            index, rest = key[len("encoder.layers."):].split(".", 1)
+            if rest.startswith("self_attn.") and rest[len("self_attn."):].startswith(("q_proj", "k_proj", "v_proj")):
+                continue  # joined below
+            rest = next((new + rest[len(old):] for old, new in TEXT_LAYER_TO_OPEN_CLIP if rest.startswith(old)), None)
+            state[f"transformer.resblocks.{index}.{rest}"] = value
+        elif key != "embeddings.position_embedding.weight":
+            state[next(new + key[len(old):] for old, new in TEXT_TO_OPEN_CLIP if key.startswith(old))] = value
+    for i in range(TEXT.layers):
+        for kind in ("weight", "bias"):
+            state[f"transformer.resblocks.{i}.attn.in_proj_{kind}"] = torch.cat(
+                [text[f"encoder.layers.{i}.self_attn.{p}_proj.{kind}"] for p in "qkv"])
+    config = {"embed_dim": IMAGE.proj_dim, "quick_gelu": True,
+              "vision_cfg": {"image_size": IMAGE.image_size, "layers": IMAGE.layers, "width": IMAGE.width,
+                             "patch_size": IMAGE.patch_size, "head_width": IMAGE.width // IMAGE.heads,
+                             "mlp_ratio": IMAGE.mlp_width / IMAGE.width},
+              "text_cfg": {"context_length": TEXT.max_positions, "vocab_size": TEXT.vocab_size, "width": TEXT.width,
+                           "heads": TEXT.heads, "layers": TEXT.layers, "mlp_ratio": TEXT.mlp_width / TEXT.width}}
+    return state, config

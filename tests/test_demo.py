@@ -61,7 +61,7 @@ def test_smoke_run_of_every_stage_gives_weights_sample_loads(tmp_path, monkeypat
     weights = out / "weights"
     names = sorted(p.name for p in weights.iterdir())
     assert names == ["clip_text_projection.safetensors", "image_encoder.safetensors", "ip_adapter.safetensors",
-                     "text_encoder.safetensors", "unet.safetensors", "vae.safetensors"]
+                     "judge.safetensors", "text_encoder.safetensors", "unet.safetensors", "vae.safetensors"]
     table = load_file(weights / "text_encoder.safetensors")["text_encoder.embeddings.token_embedding.weight"]
     assert 30 < int((table.abs().sum(1) > 0).sum()) < 60  # only the world's words keep their rows
     reference = out / "adapter" / "data" / "000001.png"

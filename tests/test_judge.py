@@ -1,4 +1,6 @@
 """The demo judge: it learns every attribute from fresh renders, and its file round-trips exactly."""
+from pathlib import Path
+
 import pytest
 import torch
 from PIL import Image
@@ -16,8 +18,8 @@ THRESHOLDS = {"color": 0.6, "background": 0.6, "shape": 0.2, "size": 0.6, "posit
 
 
 @pytest.fixture(scope="module")
-def judge(one_thread):
-    return train_judge(STEPS, batch_size=64, seed=0, progress=False)
+def judge(one_thread, tmp_path_factory):
+    return train_judge(STEPS, tmp_path_factory.mktemp("judge"), batch_size=64, seed=0, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -31,17 +33,16 @@ def test_learns_every_attribute(judge, held_out):
     assert all(scores[name] >= THRESHOLDS[name] for name in ATTRIBUTES), scores
 
 
-def test_training_is_deterministic_and_logs(one_thread):
-    logged = []
-    a = train_judge(3, batch_size=8, seed=1, progress=False, log=lambda step, losses: logged.append((step, losses)))
-    b = train_judge(3, batch_size=8, seed=1, progress=False)
+def test_training_is_deterministic_and_logs(one_thread, tmp_path):
+    a = train_judge(3, tmp_path / "a", batch_size=8, seed=1, progress=False)
+    b = train_judge(3, tmp_path / "b", batch_size=8, seed=1, progress=False)
     assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
-    assert [step for step, _ in logged] == [0, 1, 2] and set(logged[0][1]) == set(ATTRIBUTES)
+    assert (tmp_path / "a" / "log.csv").read_text().count("\n") == 4  # header + 3 steps
 
 
 def test_bad_arguments_are_refused(judge, held_out):
     with pytest.raises(ValueError, match="at least one training step"):
-        train_judge(0, progress=False)
+        train_judge(0, Path("unused"), progress=False)
     with pytest.raises(ValueError, match="as many scenes as images"):
         accuracy(judge, held_out[0][:3], held_out[1][:2])
 

@@ -23,19 +23,19 @@ Design:
 from __future__ import annotations
 
 import json
-import math
 import os
-import random
-from typing import Callable, Sequence
+from pathlib import Path
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFilter
 from torch import nn
-from tqdm.auto import tqdm
 
-from ipadapter_min.demo.world import ATTRIBUTES, SIZE, Scene, random_scene, render
-from ipadapter_min.formats.files import CheckpointError, read_metadata, read_state_dict, save_safetensors
+from ..formats.files import CheckpointError, read_metadata, read_state_dict, save_safetensors
+from .batches import draw_scenes
+from .stage import run_stage, schedule, step_rng
+from .world import ATTRIBUTES, SIZE, Scene
 
 FORMAT = "ipadapter_min.demo.judge"
 MAX_BLUR = 1.5
@@ -75,17 +75,14 @@ def judge_pixels(images: Sequence[Image.Image]) -> torch.Tensor:
     return torch.stack(arrays).view(len(arrays), SIZE, SIZE, 3).permute(0, 3, 1, 2).float() / 255
 
 
-def _batch(rng: random.Random, generator: torch.Generator, batch_size: int) -> tuple[torch.Tensor, dict]:
-    """Fresh augmented renders and their labels (class indices per attribute)."""
-    scenes = [random_scene(rng) for _ in range(batch_size)]
-    images = []
-    for scene in scenes:
-        image = render(scene, rng.randrange(2**31))
-        if rng.random() < 0.5:
-            image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0, MAX_BLUR)))
-        images.append(image)
+def _batch(seed: int, step: int, batch_size: int) -> tuple[torch.Tensor, dict]:
+    """Fresh augmented renders and their labels (class indices per attribute), from (seed, step)."""
+    scenes, images, rng = draw_scenes(seed, step, batch_size)
+    images = [image.filter(ImageFilter.GaussianBlur(rng.uniform(0, MAX_BLUR))) if rng.random() < 0.5 else image
+              for image in images]
     pixels = judge_pixels(images)
     n = len(scenes)
+    generator = step_rng(seed, step)
     gain = 1 + MAX_GAIN * (2 * torch.rand(n, 3, 1, 1, generator=generator) - 1)
     offset = MAX_OFFSET * (2 * torch.rand(n, 1, 1, 1, generator=generator) - 1)
     noise = MAX_NOISE * torch.rand(n, 1, 1, 1, generator=generator) * torch.randn(pixels.shape, generator=generator)
@@ -98,35 +95,23 @@ def _labels(scenes: Sequence[Scene]) -> dict[str, torch.Tensor]:
             for name, values in ATTRIBUTES.items()}
 
 
-def train_judge(steps: int, batch_size: int = 64, seed: int = 0, progress: bool = True,
-                log: Callable[[int, dict[str, float]], None] | None = None) -> Judge:
-    """A judge trained for ``steps`` steps on fresh scenes, the same for the same arguments.
+def judge_loss(judge: Judge, seed: int, step: int, batch_size: int) -> torch.Tensor:
+    """The summed cross-entropy of the five heads on one step's fresh scenes."""
+    pixels, labels = _batch(seed, step, batch_size)
+    logits = judge(pixels)
+    return sum(F.cross_entropy(logits[name], labels[name]) for name in ATTRIBUTES)
 
-    Adam with a short warm-up and a cosine decay to zero, so that the last steps settle the
-    accuracy rather than jitter around it. ``log(step, losses)`` gets each step's cross-entropy per
-    attribute."""
+
+def train_judge(steps: int, folder: Path, batch_size: int = 64, seed: int = 0, progress: bool = True) -> Judge:
+    """A judge trained for ``steps`` steps on fresh scenes (resumable from ``folder``), the same for
+    the same arguments. Adam (AdamW without decay) at 3e-3, warm-up, cosine decay."""
     if steps < 1:
         raise ValueError(f"the judge needs at least one training step, got {steps}")
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         judge = Judge()
-    rng = random.Random(seed)
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.Adam(judge.parameters(), lr=3e-3)
-    warmup = max(1, min(100, steps // 10))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * s / steps))))
-    judge.train()
-    for step in tqdm(range(steps), desc="training the judge", unit="step", disable=not progress):
-        pixels, labels = _batch(rng, generator, batch_size)
-        logits = judge(pixels)
-        losses = {name: F.cross_entropy(logits[name], labels[name]) for name in ATTRIBUTES}
-        optimizer.zero_grad()
-        sum(losses.values()).backward()
-        optimizer.step()
-        schedule.step()
-        if log is not None:
-            log(step, {name: loss.item() for name, loss in losses.items()})
+    run_stage("judge", folder, {"judge": judge}, lambda step: judge_loss(judge, seed, step, batch_size), steps,
+              schedule(3e-3, steps, warmup=max(1, min(100, steps // 10))), progress=progress)
     return judge.eval()
 
 

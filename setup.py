@@ -7,6 +7,7 @@ setup(
     description="From-scratch IP-Adapter for Stable Diffusion 1.5 in pure PyTorch",
     python_requires=">=3.10",
     packages=find_packages(include=["ipadapter_min*", "kernels*", "weights_convert*", "benchmarks*"]),
+    package_data={"ipadapter_min.demo": ["weights/*.safetensors"]},  # the demo model, trained here
     install_requires=[
         # Pinned to the releases in this project's wheel store; open_clip needs torchvision.
         "torch==2.14.1",

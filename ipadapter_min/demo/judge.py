@@ -102,16 +102,17 @@ def judge_loss(judge: Judge, seed: int, step: int, batch_size: int) -> torch.Ten
     return sum(F.cross_entropy(logits[name], labels[name]) for name in ATTRIBUTES)
 
 
-def train_judge(steps: int, folder: Path, batch_size: int = 64, seed: int = 0, progress: bool = True) -> Judge:
+def train_judge(steps: int, folder: Path, batch_size: int = 64, seed: int = 0, progress: bool = True,
+                lr: float = 3e-3) -> Judge:
     """A judge trained for ``steps`` steps on fresh scenes (resumable from ``folder``), the same for
-    the same arguments. Adam (AdamW without decay) at 3e-3, warm-up, cosine decay."""
+    the same arguments. Adam (AdamW without decay), warm-up, cosine decay."""
     if steps < 1:
         raise ValueError(f"the judge needs at least one training step, got {steps}")
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         judge = Judge()
     run_stage("judge", folder, {"judge": judge}, lambda step: judge_loss(judge, seed, step, batch_size), steps,
-              schedule(3e-3, steps, warmup=max(1, min(100, steps // 10))), progress=progress)
+              schedule(lr, steps, warmup=max(1, min(100, steps // 10))), progress=progress)
     return judge.eval()
 
 

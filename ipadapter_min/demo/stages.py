@@ -20,15 +20,15 @@ from PIL import ImageFilter
 from ..formats.files import Checkpoint, read_metadata, read_state_dict, save_safetensors, write_atomically
 from ..formats.image_encoder import image_encoder_metadata
 from ..formats.sd15 import read_converted, sd15_metadata
+from ..loading import SD15_MODELS, assign, build_checked
 from ..tokenizer import Tokenizer
 from ..train import main as train_main
-from ..loading import SD15_MODELS, assign, build_checked
 from .autoencoder import new_vae, psnr, vae_loss, with_measured_scaling
-from .judge import accuracy, save_judge, train_judge
-from .denoiser import DenoiserTraining, encode_dataset
-from .clip import TRAIN_TOKENS, DemoCLIP, clip_loss, zero_shot_accuracy
-from .models import IMAGE, RESOLUTION, TEXT
 from .batches import draw_scenes
+from .clip import TRAIN_TOKENS, DemoCLIP, clip_loss, zero_shot_accuracy
+from .denoiser import DenoiserTraining, encode_dataset
+from .judge import accuracy, save_judge, train_judge
+from .models import IMAGE, RESOLUTION, TEXT
 from .stage import run_stage, schedule
 from .world import WORDS, training_caption
 
@@ -188,7 +188,7 @@ def train_adapter(out: Path, smoke: bool = False, progress: bool = True) -> dict
 def train_judge_stage(out: Path, smoke: bool = False, progress: bool = True) -> dict:
     s = JUDGE
     steps = s.smoke_steps if smoke else s.steps
-    judge = train_judge(steps, out / "judge", s.batch, s.seed, progress)
+    judge = train_judge(steps, out / "judge", s.batch, s.seed, progress, s.lr)
     save_judge(judge, out / "weights" / "judge.safetensors", overwrite=True)
     scenes_, images, _ = draw_scenes(s.seed, 10**9, 40 if smoke else 1000)
     blurred = [image.filter(ImageFilter.GaussianBlur(1)) for image in images]

@@ -39,6 +39,14 @@ class DDIM:
         ratio = self.cfg.train_steps // steps
         return [i * ratio + self.cfg.steps_offset for i in reversed(range(steps))]
 
+    def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor | int) -> torch.Tensor:
+        """x_t = √ᾱ_t · x_0 + √(1 − ᾱ_t) · ε: a clean sample noised to timestep t (one t, or one per
+        sample), in diffusers' op order (DDPMScheduler.add_noise and DDIMScheduler.add_noise agree)."""
+        timesteps = torch.as_tensor(timesteps).reshape(-1)
+        alphas = self.alphas_cumprod.to(device=latents.device, dtype=latents.dtype)[timesteps.to(latents.device)]
+        shape = (-1,) + (1,) * (latents.ndim - 1)
+        return (alphas**0.5).reshape(shape) * latents + ((1 - alphas) ** 0.5).reshape(shape) * noise
+
     def step(self, eps: torch.Tensor, t: int, x: torch.Tensor, steps: int) -> torch.Tensor:
         """x_t → x_{t - 1000/steps} given the predicted noise ``eps``."""
         prev_t = t - self.cfg.train_steps // steps

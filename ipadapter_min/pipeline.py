@@ -17,15 +17,10 @@ from tqdm.auto import tqdm
 from .attention import CrossAttentionHook
 from .cfg import CFGBatch
 from .ddim import DDIM
+from .editing import IMG2IMG_STRENGTH, INPAINT_STRENGTH, Inpainting, first_step, img2img_latents, noise
+from .image_processing import binary_mask, crop_box, paste_back, size_of, vae_pixels
 from .loading import load_sd15
 from .tokenizer import Tokenizer
-
-
-def initial_noise(seed: int, count: int, height: int, width: int) -> torch.Tensor:
-    """Starting latents drawn exactly as diffusers draws them (float32, CPU generator), so the same
-    seed gives the same image in both."""
-    generator = torch.Generator("cpu").manual_seed(seed)
-    return torch.randn((count, 4, height // 8, width // 8), generator=generator, dtype=torch.float32)
 
 
 def to_images(pixels: torch.Tensor) -> list[Image.Image]:
@@ -33,6 +28,9 @@ def to_images(pixels: torch.Tensor) -> list[Image.Image]:
     float32, in diffusers' order, so fp16/bf16 images match the reference's too)."""
     array = ((pixels / 2 + 0.5).clamp(0, 1).float() * 255).round().to(torch.uint8)
     return [Image.fromarray(np.ascontiguousarray(a)) for a in array.permute(0, 2, 3, 1).cpu().numpy()]
+
+
+DEFAULT_SIZE = 512  # SD1.5's training resolution, the size without an init image
 
 
 def check_size(width: int, height: int) -> None:
@@ -70,27 +68,73 @@ class StableDiffusion:
 
     @torch.no_grad()
     def denoise(self, latents: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None, steps: int,
-                guidance: float, hook: CrossAttentionHook | None = None, progress: bool = True) -> torch.Tensor:
+                guidance: float, hook: CrossAttentionHook | None = None, start: int = 0,
+                inpainting: Inpainting | None = None, progress: bool = True) -> torch.Tensor:
         """The DDIM loop for the text embeddings of the prompt (``cond``) and of the negative prompt
-        (``uncond``, unused when guidance ≤ 1), one each; the hook gets the batch's row layout."""
+        (``uncond``, unused when guidance ≤ 1), one each; the hook gets the batch's row layout.
+        ``start``: how many of the ``steps`` timesteps to skip (img2img)."""
         batch = CFGBatch(latents.shape[0], guided=guidance > 1)
         context = batch.per_row(cond, uncond)
         if hook is not None:
             hook.rows = batch.rows
-        for t in tqdm(self.scheduler.timesteps(steps), desc="denoising", disable=not progress):
-            eps = self.unet(batch.inputs(latents), torch.tensor(t, device=self.device), context, hook)
+        timesteps = self.scheduler.timesteps(steps)[start:]
+        for i, t in enumerate(tqdm(timesteps, desc="denoising", disable=not progress)):
+            x = batch.inputs(latents)
+            if inpainting is not None:
+                x = inpainting.unet_input(x, batch)
+            eps = self.unet(x, torch.tensor(t, device=self.device), context, hook)
             latents = self.scheduler.step(batch.guide(eps, guidance), t, latents, steps)
+            if inpainting is not None:
+                latents = inpainting.keep_unmasked(latents, timesteps[i + 1] if i + 1 < len(timesteps) else None)
         return latents
 
     @torch.no_grad()
     def __call__(self, prompt: str, negative_prompt: str = "", steps: int = 30, guidance: float = 7.5, seed: int = 0,
-                 width: int = 512, height: int = 512, num_images: int = 1, clip_skip: int = 0,
-                 hook: CrossAttentionHook | None = None, progress: bool = True) -> list[Image.Image]:
-        """Generate ``num_images`` images; guidance ≤ 1 turns classifier-free guidance off."""
+                 width: int | None = None, height: int | None = None, num_images: int = 1, clip_skip: int = 0,
+                 init_image: Image.Image | None = None, strength: float | None = None, mask: Image.Image | None = None,
+                 mask_crop: int | None = None, hook: CrossAttentionHook | None = None,
+                 progress: bool = True) -> list[Image.Image]:
+        """Generate ``num_images`` images; guidance ≤ 1 turns classifier-free guidance off.
+
+        With ``init_image``, img2img: the picture noised by ``strength`` (default 0.8; 1 keeps
+        little of it) is denoised. With a ``mask`` too (white = repaint), inpainting: only the
+        white region changes (``strength`` default 1.0); ``mask_crop`` works on the mask's bounding
+        box widened by that many pixels, at the output size, and pastes the result back into the
+        picture. Size: ``width`` × ``height``, by default the init image's size rounded down to a
+        multiple of 8, else 512 × 512 (diffusers' inpainting pipeline defaults to 512 × 512 always)."""
+        if mask is not None and init_image is None:
+            raise ValueError("a mask needs the init image it masks")
+        if mask_crop is not None and mask.size != init_image.size:
+            raise ValueError(f"a mask crop cuts the same box from the mask and the init image, so they must be the same "
+                             f"size: the mask is {mask.width}×{mask.height}, the image {init_image.width}×{init_image.height}")
+        width, height = size_of(init_image, width, height) if init_image is not None else (width or DEFAULT_SIZE, height or DEFAULT_SIZE)
         check_size(width, height)
+        if self.unet.cfg.in_channels != 4 and mask is None:
+            raise ValueError(f"this UNet takes {self.unet.cfg.in_channels} input channels (an inpainting model): "
+                             "give it an init image and a mask")
         cond = self.encode_prompt(prompt, clip_skip)
         # As in diffusers, clip_skip shapes the prompt's embedding only, not the negative prompt's.
         uncond = self.encode_prompt(negative_prompt) if guidance > 1 else None
-        latents = initial_noise(seed, num_images, height, width).to(self.device, self.dtype)
-        latents = self.denoise(latents, cond, uncond, steps, guidance, hook, progress)
-        return to_images(self.vae.decode(latents))
+        generator = torch.Generator("cpu").manual_seed(seed)
+        start, inpainting, box = 0, None, None
+        if init_image is None:
+            latents = noise(generator, num_images, height, width)
+        else:
+            strength = strength if strength is not None else INPAINT_STRENGTH if mask is not None else IMG2IMG_STRENGTH
+            start = first_step(steps, strength)
+            t = self.scheduler.timesteps(steps)[start]
+            box = crop_box(mask, width, height, mask_crop) if mask is not None and mask_crop is not None else None
+            resize = "stretch" if box is None else "fill"
+            pixels = vae_pixels(init_image, width, height, resize, box).to(self.device)
+            if mask is None:
+                latents = img2img_latents(self.vae, self.scheduler, generator, pixels, num_images, t)
+            else:
+                repaint = binary_mask(mask, width, height, resize, box).to(self.device)
+                latents, inpainting = Inpainting.start(self.vae, self.scheduler, generator, pixels, repaint, num_images,
+                                                       t, strength, self.unet.cfg.in_channels)
+        latents = self.denoise(latents.to(self.device, self.dtype), cond, uncond, steps, guidance, hook, start,
+                               inpainting, progress)
+        images = to_images(self.vae.decode(latents))
+        if box is not None:
+            images = [paste_back(image, init_image, mask, box) for image in images]
+        return images

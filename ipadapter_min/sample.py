@@ -19,10 +19,11 @@ from PIL import Image, PngImagePlugin
 
 from . import demo
 from .ddim import DDIM
+from .editing import IMG2IMG_STRENGTH, INPAINT_STRENGTH
 from .formats.files import message, write_atomically
 from .ip_layers import expand_scale
 from .ip_pipeline import IPAdapterPipeline
-from .pipeline import StableDiffusion, check_size
+from .pipeline import DEFAULT_SIZE, StableDiffusion, check_size
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -52,6 +53,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weights and activations precision")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    edit = p.add_argument_group(
+        "img2img and inpainting",
+        "Start from a picture instead of pure noise. The output takes the picture's size (rounded down to a "
+        "multiple of 8) unless --width/--height say otherwise. Both combine with an image prompt.")
+    edit.add_argument("--init-image", type=Path, metavar="FILE",
+                      help="img2img: the picture to start from (with --mask: the picture to repaint)")
+    edit.add_argument("--strength", type=float,
+                      help="how much of the picture is noised away, in (0, 1]: 1 keeps only faint traces, 0.3 keeps "
+                           "most of it; runs that fraction of --steps (default 0.8 for img2img and 1.0 for "
+                           "inpainting, as diffusers)")
+    edit.add_argument("--mask", type=Path, metavar="FILE",
+                      help="inpainting: white repaints, black keeps (with --init-image). Works with a regular SD1.5 "
+                           "and with the 9-channel inpainting checkpoints (sd-v1-5-inpainting)")
+    edit.add_argument("--mask-crop", type=int, metavar="PAD",
+                      help="inpaint only the mask's bounding box widened by PAD pixels, at the output size, and paste "
+                           "the result back into the whole picture (diffusers' padding_mask_crop): more detail "
+                           "for a small mask in a large picture")
     ip = p.add_argument_group(
         "image prompt (IP-Adapter)",
         "Give --ip-adapter, --image-encoder and --image together. --scale (λ) trades the reference image "
@@ -117,8 +135,10 @@ def validate(args: argparse.Namespace) -> list[Path]:
         use_demo_model(args)
     if not args.model.exists():
         raise ValueError(f"--model {args.model}: no such file or folder")
-    args.width, args.height = args.width or 512, args.height or 512
-    check_size(args.width, args.height)
+    validate_editing(args)
+    if args.init_image is None:
+        args.width, args.height = args.width or DEFAULT_SIZE, args.height or DEFAULT_SIZE
+    check_size(args.width or 8, args.height or 8)  # a side left unset is the init image's, made a multiple of 8
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: no CUDA device is available here (use --device cpu)")
     if not 1 <= args.steps <= DDIM().max_steps:
@@ -152,12 +172,37 @@ def validate(args: argparse.Namespace) -> list[Path]:
     return paths
 
 
-def generation_parameters(args: argparse.Namespace, index: int) -> str:
+def validate_editing(args: argparse.Namespace) -> None:
+    if args.mask is not None and args.init_image is None:
+        raise ValueError("--mask needs --init-image: the picture whose masked part is repainted")
+    if args.mask_crop is not None and args.mask is None:
+        raise ValueError("--mask-crop applies to inpainting: give --mask and --init-image")
+    if args.strength is not None and args.init_image is None:
+        raise ValueError("--strength applies to img2img and inpainting: give --init-image")
+    if args.strength is not None and not 0 < args.strength <= 1:
+        raise ValueError(f"--strength must be in (0, 1], got {args.strength}")
+    if args.mask_crop is not None and args.mask_crop < 0:
+        raise ValueError(f"--mask-crop must be 0 or more pixels, got {args.mask_crop}")
+    images = {flag: open_image(path, flag) for flag, path in (("--init-image", args.init_image), ("--mask", args.mask))
+              if path is not None}  # a missing or unreadable file fails before any loading
+    if args.mask_crop is not None and images["--mask"].size != images["--init-image"].size:
+        raise ValueError(f"--mask-crop: the mask ({'×'.join(map(str, images['--mask'].size))}) must be the size of "
+                         f"the init image ({'×'.join(map(str, images['--init-image'].size))}), as the same box is cut "
+                         "from both")
+    if args.init_image is not None and args.strength is None:
+        args.strength = INPAINT_STRENGTH if args.mask else IMG2IMG_STRENGTH
+
+
+def generation_parameters(args: argparse.Namespace, index: int, size: tuple[int, int]) -> str:
     """Written into the PNG so that an image says how it was made."""
     fields = {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "steps": args.steps,
-              "guidance": args.guidance, "seed": args.seed, "image_index": index, "width": args.width,
-              "height": args.height, "clip_skip": args.clip_skip, "sampler": "DDIM", "model": args.model.name,
+              "guidance": args.guidance, "seed": args.seed, "image_index": index, "width": size[0],
+              "height": size[1], "clip_skip": args.clip_skip, "sampler": "DDIM", "model": args.model.name,
               "dtype": args.dtype}
+    if args.init_image:
+        fields.update({"init_image": args.init_image.name, "strength": args.strength})
+    if args.mask:
+        fields.update({"mask": args.mask.name, "mask_crop": args.mask_crop})
     if args.ip_adapter:
         fields.update({"ip_adapter": args.ip_adapter.name, "images": " ".join(p.name for p in args.image),
                        "scale": json.dumps(args.scale), "image_combine": args.image_combine, "crop": not args.no_crop})
@@ -173,13 +218,15 @@ def save_png(image, path: Path, parameters: str, overwrite: bool) -> None:
     write_atomically(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info), overwrite)
 
 
-def open_image(path: Path) -> Image.Image:
+def open_image(path: Path, flag: str = "--image") -> Image.Image:
+    if not path.is_file():
+        raise ValueError(f"{flag} {path}: no such file")
     try:
         with Image.open(path) as image:
             image.load()
             return image
     except (OSError, Image.DecompressionBombError) as exc:
-        raise ValueError(f"--image {path}: not a readable image ({exc})") from None
+        raise ValueError(f"{flag} {path}: not a readable image ({exc})") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -190,7 +237,9 @@ def main(argv: list[str] | None = None) -> int:
         references = [open_image(p) for p in args.image or []]
         generation = dict(steps=args.steps, guidance=args.guidance, seed=args.seed, width=args.width,
                           height=args.height, num_images=args.num_images, clip_skip=args.clip_skip,
-                          progress=not args.no_progress)
+                          init_image=args.init_image and open_image(args.init_image, "--init-image"),
+                          strength=args.strength, mask=args.mask and open_image(args.mask, "--mask"),
+                          mask_crop=args.mask_crop, progress=not args.no_progress)
         device, dtype = args.device, DTYPES[args.dtype]
         if args.ip_adapter:
             pipe = IPAdapterPipeline.from_files(args.model, args.ip_adapter, args.image_encoder, device, dtype)
@@ -201,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
             pipe = StableDiffusion.from_file(args.model, device=device, dtype=dtype)
             images = pipe(args.prompt, args.negative_prompt, **generation)
         for i, (image, path) in enumerate(zip(images, paths)):
-            save_png(image, path, generation_parameters(args, i), args.force)
+            save_png(image, path, generation_parameters(args, i, image.size), args.force)
             print(f"wrote {path}")
     except (ValueError, TypeError, OSError, RuntimeError) as exc:  # CheckpointError is a ValueError
         print(f"error: {message(exc)}", file=sys.stderr)

@@ -70,14 +70,6 @@ def draw_drops(n: int, generator: torch.Generator | None = None) -> tuple[torch.
     return image_only | both, text_only | both
 
 
-def add_noise(schedule: DDIM, latents: torch.Tensor, noise: torch.Tensor,
-              timesteps: torch.Tensor) -> torch.Tensor:
-    """x_t = √ᾱ_t · x_0 + √(1 − ᾱ_t) · ε, per sample (diffusers' DDPMScheduler.add_noise, same op order)."""
-    alphas = schedule.alphas_cumprod.to(device=latents.device, dtype=latents.dtype)[timesteps.to(latents.device)]
-    shape = (-1,) + (1,) * (latents.ndim - 1)
-    return (alphas**0.5).reshape(shape) * latents + ((1 - alphas) ** 0.5).reshape(shape) * noise
-
-
 def diffusion_loss(unet: UNet, adapter: IPAdapter, latents: torch.Tensor, text_states: torch.Tensor,
                    image_features: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
                    schedule: DDIM) -> torch.Tensor:
@@ -89,7 +81,7 @@ def diffusion_loss(unet: UNet, adapter: IPAdapter, latents: torch.Tensor, text_s
     are this step's and carry the graph back to the projection and to_k_ip/to_v_ip.
     """
     hook = adapter.hook(adapter(image_features))  # no negative tokens: every row conditional, λ = 1
-    pred = unet(add_noise(schedule, latents, noise, timesteps), timesteps, text_states, hook)
+    pred = unet(schedule.add_noise(latents, noise, timesteps), timesteps, text_states, hook)
     return F.mse_loss(pred.float(), noise.float())
 
 

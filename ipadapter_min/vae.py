@@ -157,5 +157,13 @@ class VAE(nn.Module):
     def encode(self, image: torch.Tensor) -> torch.Tensor:
         return self.encode_moments(image)[0] * self.cfg.scaling_factor
 
+    def sample(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """A scaled sample of the latent distribution, mean + std·ε (diffusers' ``latent_dist.sample``,
+        which img2img and inpainting use): ε is drawn on the CPU generator in float32 and then moved
+        and cast, as diffusers draws it from a CPU generator."""
+        mean, logvar = self.encode_moments(image)
+        eps = torch.randn(mean.shape, generator=generator, dtype=torch.float32).to(mean.device, mean.dtype)
+        return (mean + torch.exp(0.5 * logvar) * eps) * self.cfg.scaling_factor
+
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.post_quant_conv(latents / self.cfg.scaling_factor))

@@ -63,11 +63,12 @@ def randomize_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
     return module
 
 
-def make_unet(size: str, seed: int = 0):
+def make_unet(size: str, seed: int = 0, in_channels: int = 4):
+    """``in_channels`` 9: an inpainting UNet (latents, mask, masked image's latents)."""
     from diffusers import UNet2DConditionModel
     from diffusers.models.modeling_utils import no_init_weights
     with no_init_weights():  # randomize_ sets every parameter: skip the (slow) default init
-        return randomize_(UNet2DConditionModel(**unet_kwargs(size)), seed).eval()
+        return randomize_(UNet2DConditionModel(**unet_kwargs(size), in_channels=in_channels), seed).eval()
 
 
 def make_vae(size: str, seed: int = 1):
@@ -162,9 +163,11 @@ def load_hf_image_encoder(folder: Path):
     return from_folder(CLIPVisionModelWithProjection, folder)
 
 
-def diffusers_pipeline(unet, vae, text_encoder, tokenizer, image_encoder=None, feature_extractor=None):
-    from diffusers import StableDiffusionPipeline
-    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+def diffusers_pipeline(unet, vae, text_encoder, tokenizer, image_encoder=None, feature_extractor=None,
+                       kind: str = "StableDiffusionPipeline"):
+    """``kind``: StableDiffusionPipeline, StableDiffusionImg2ImgPipeline or StableDiffusionInpaintPipeline."""
+    import diffusers
+    return getattr(diffusers, kind)(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=ddim_scheduler(), safety_checker=None, feature_extractor=feature_extractor,
                                    image_encoder=image_encoder, requires_safety_checker=False)
 

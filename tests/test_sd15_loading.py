@@ -13,6 +13,7 @@ from ipadapter_min import sample
 from ipadapter_min.loading import load_sd15
 from weights_convert.__main__ import main as convert_main
 from ipadapter_min.formats.files import CheckpointError, read_state_dict
+from ipadapter_min.formats.sd15 import read_sd15
 
 
 def copy_folder(tiny, tmp_path):
@@ -84,7 +85,7 @@ def test_other_model_families_are_refused(tmp_path, key, what):
 
 @pytest.mark.parametrize("change,what", [({"cross_attention_dim": 1024}, "Stable Diffusion 2"),
                                          ({"addition_embed_type": "text_time"}, "SDXL"),
-                                         ({"in_channels": 9}, "inpainting"),
+                                         ({"in_channels": 8}, "other variants are not supported"),
                                          ({"block_out_channels": None}, "not a usable SD1.x config")])
 def test_other_diffusers_folders_are_refused(tiny, tmp_path, change, what):
     folder = copy_folder(tiny, tmp_path)
@@ -92,6 +93,18 @@ def test_other_diffusers_folders_are_refused(tiny, tmp_path, change, what):
     config.write_text(json.dumps({**json.loads(config.read_text()), **change}))
     with pytest.raises(CheckpointError, match=what):
         load_sd15(folder)
+
+
+@pytest.mark.parametrize("channels", [4, 9, 8])
+def test_single_file_unet_input_channels_come_from_its_first_convolution(tmp_path, channels):
+    """sd-v1-5-inpainting is told from SD1.5 by its first convolution's 9 inputs; instruct-pix2pix (8) is refused."""
+    path = tmp_path / "model.safetensors"
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(320, channels, 3, 3)}, path)
+    if channels == 8:
+        with pytest.raises(CheckpointError, match="takes 8 input channels"):
+            read_sd15(path)
+    else:
+        assert read_sd15(path)[1]["unet"].in_channels == channels
 
 
 def test_legacy_pickle_format_loads(tmp_path):
@@ -186,7 +199,7 @@ def test_sample_defaults_and_help_say_what_the_code_does(tmp_path):
     from pathlib import Path
 
     from ipadapter_min.ip_pipeline import IPAdapterPipeline
-    from ipadapter_min.pipeline import StableDiffusion, check_size
+    from ipadapter_min.pipeline import DEFAULT_SIZE, StableDiffusion, check_size
 
     def defaults(fn):
         return {n: p.default for n, p in inspect.signature(fn).parameters.items() if p.default is not p.empty}
@@ -197,8 +210,9 @@ def test_sample_defaults_and_help_say_what_the_code_does(tmp_path):
     args = parser.parse_args(["--model", str(tmp_path / "m"), "--out", str(tmp_path / "o.png"), "--device", "cpu"])
     sample.validate(args)  # fills in what depends on the model (the size: 512, or the demo model's 64)
     sd = defaults(StableDiffusion.__call__)
-    for name in ("negative_prompt", "steps", "guidance", "seed", "width", "height", "num_images", "clip_skip"):
+    for name in ("negative_prompt", "steps", "guidance", "seed", "num_images", "clip_skip", "strength", "mask_crop"):
         assert getattr(args, name) == sd[name], f"--{name.replace('_', '-')} {getattr(args, name)!r} vs {sd[name]!r}"
+    assert sd["width"] is sd["height"] is None and args.width == args.height == DEFAULT_SIZE  # without an init image
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     claim = re.search(r"Defaults follow the reference: .*?(\d+) steps, guidance ([\d.]+), (\d+)×(\d+)", readme)
     assert claim, "README no longer states the defaults"

@@ -18,7 +18,6 @@ from tqdm.auto import tqdm
 from ..ddim import DDIM
 from ..text_encoder import TextEncoder
 from ..tokenizer import Tokenizer
-from ..training import add_noise
 from ..unet import UNet
 from ..vae import VAE
 from .batches import draw_scenes, to_unit_range
@@ -64,7 +63,7 @@ class DenoiserTraining:
         latents = (mean + std * torch.randn(mean.shape, generator=generator)) * self.scaling
         noise = torch.randn(latents.shape, generator=generator)
         timesteps = torch.randint(0, 1000, (self.batch,), generator=generator)
-        pred = self.unet(add_noise(self.schedule, latents, noise, timesteps), timesteps, text)
+        pred = self.unet(self.schedule.add_noise(latents, noise, timesteps), timesteps, text)
         return F.mse_loss(pred, noise)
 
     @torch.no_grad()

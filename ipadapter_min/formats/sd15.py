@@ -148,9 +148,9 @@ def config_from(convert, config: dict, path: Path):
 
 
 def unet_config_from_diffusers(c: dict) -> UNetConfig:
-    if (c.get("in_channels", 4), c.get("out_channels", 4)) != (4, 4):
+    if (c.get("in_channels", 4), c.get("out_channels", 4)) not in ((4, 4), (9, 4)):
         raise ValueError(f"in/out channels {c.get('in_channels')}/{c.get('out_channels')}, expected 4/4 "
-                         "(inpainting and other variants are not supported)")
+                         "(SD1.5) or 9/4 (SD1.5 inpainting); other variants are not supported")
     widths = c["block_out_channels"]
     heads = c.get("attention_head_dim", 8)  # SD1.x stores the number of heads under this name
     if not isinstance(heads, int):
@@ -229,8 +229,20 @@ def read_single_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, obj
         origin[ours] = f"{path}: key {key!r}"
     if not tensors:
         raise CheckpointError(f"{path}: no Stable Diffusion weights found (expected model.diffusion_model.* keys)")
-    configs = {"unet": UNetConfig(), "vae": VAEConfig(), "text_encoder": TextEncoderConfig()}
+    configs = {"unet": UNetConfig(in_channels=single_file_unet_inputs(tensors, path)), "vae": VAEConfig(),
+               "text_encoder": TextEncoderConfig()}
     return tensors, configs, origin
+
+
+def single_file_unet_inputs(tensors: dict[str, torch.Tensor], path: Path) -> int:
+    """A single file says nothing of its UNet but its weights: 4 input channels (SD1.5) or 9
+    (sd-v1-5-inpainting: latents, mask, masked image's latents), from the first convolution."""
+    conv = tensors.get("unet.input_blocks.0.0.weight")
+    channels = 4 if conv is None or conv.dim() != 4 else conv.shape[1]
+    if channels not in (4, 9):
+        raise CheckpointError(f"{path}: the UNet takes {channels} input channels; SD1.5 (4) and SD1.5 inpainting (9) "
+                              "are supported (8 would be instruct-pix2pix)")
+    return channels
 
 
 def read_converted(path: Path, metadata: dict[str, str], parts: tuple[str, ...] = tuple(PARTS)

@@ -30,6 +30,18 @@ class UNetConfig:
 
 
 @dataclass
+class ControlNetConfig:
+    """A ControlNet: a copy of its UNet's first half (``unet``; SD1.5's by default) plus the hint
+    encoder that brings the control image (``conditioning_channels``, at pixel size) down to latent
+    size through ``hint_channels``. ``global_pool``: its residuals are averaged over the image
+    (the shuffle model), and it runs as in guess mode."""
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    hint_channels: tuple[int, ...] = (16, 32, 96, 256)
+    conditioning_channels: int = 3
+    global_pool: bool = False
+
+
+@dataclass
 class VAEConfig:
     channels: int = 128
     channel_mult: tuple[int, ...] = (1, 2, 4, 4)

@@ -16,7 +16,9 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from .configs import CONTEXT_DIM, AdapterSpec, ImageEncoderConfig
+from .configs import CONTEXT_DIM, AdapterSpec, ControlNetConfig, ImageEncoderConfig
+from .controlnet import ControlNet
+from .formats.controlnet import read_controlnet
 from .formats.files import Checkpoint, CheckpointError, release
 from .formats.image_encoder import read_image_encoder
 from .formats.ip_adapter import read_ip_adapter, to_project_layout
@@ -167,3 +169,16 @@ def load_image_encoder(path: str | os.PathLike, device: torch.device | str = "cp
     weights file), or from the project's converted ``.safetensors`` file. ViT-H/14 and
     ViT-bigG/14 (and any other plain CLIP ViT) are told apart by config.json or by shapes."""
     return image_encoder_from_checkpoint(*read_image_encoder(path), device, dtype)
+
+
+def controlnet_from_checkpoint(checkpoint: Checkpoint, cfg: ControlNetConfig, device: str | torch.device = "cpu",
+                               dtype: torch.dtype = torch.float32) -> ControlNet:
+    model = build_checked(lambda: ControlNet(cfg), checkpoint, "an SD1.5 ControlNet")
+    return assign(model, checkpoint, device, dtype)
+
+
+def load_controlnet(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+                    ) -> ControlNet:
+    """An original ControlNet file (.pth or .safetensors, with or without ``control_model.``), a
+    diffusers folder or a converted file."""
+    return controlnet_from_checkpoint(*read_controlnet(path), device, dtype)

@@ -8,6 +8,7 @@ out the CFG batch (``cfg.CFGBatch``) and tells the hook that layout (``hook.rows
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -16,6 +17,7 @@ from tqdm.auto import tqdm
 
 from .attention import CrossAttentionHook
 from .cfg import CFGBatch
+from .controlnet import ControlNetInput
 from .ddim import DDIM
 from .editing import IMG2IMG_STRENGTH, INPAINT_STRENGTH, Inpainting, first_step, img2img_latents, noise
 from .image_processing import binary_mask, crop_box, paste_back, size_of, vae_pixels
@@ -69,20 +71,25 @@ class StableDiffusion:
     @torch.no_grad()
     def denoise(self, latents: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None, steps: int,
                 guidance: float, hook: CrossAttentionHook | None = None, start: int = 0,
-                inpainting: Inpainting | None = None, progress: bool = True) -> torch.Tensor:
+                inpainting: Inpainting | None = None, guides: Sequence = (), progress: bool = True) -> torch.Tensor:
         """The DDIM loop for the text embeddings of the prompt (``cond``) and of the negative prompt
         (``uncond``, unused when guidance ≤ 1), one each; the hook gets the batch's row layout.
-        ``start``: how many of the ``steps`` timesteps to skip (img2img)."""
+        ``start``: how many of the ``steps`` timesteps to skip (img2img). ``guides``: structural
+        controls, each giving the UNet residuals at every step, which add up."""
         batch = CFGBatch(latents.shape[0], guided=guidance > 1)
         context = batch.per_row(cond, uncond)
         if hook is not None:
             hook.rows = batch.rows
         timesteps = self.scheduler.timesteps(steps)[start:]
         for i, t in enumerate(tqdm(timesteps, desc="denoising", disable=not progress)):
-            x = batch.inputs(latents)
+            x, t_ = batch.inputs(latents), torch.tensor(t, device=self.device)
+            residuals = None
+            for guide in guides:
+                extra = guide.residuals(x, t_, context, batch, i, len(timesteps))
+                residuals = extra if residuals is None else residuals + extra
             if inpainting is not None:
                 x = inpainting.unet_input(x, batch)
-            eps = self.unet(x, torch.tensor(t, device=self.device), context, hook)
+            eps = self.unet(x, t_, context, hook, residuals)
             latents = self.scheduler.step(batch.guide(eps, guidance), t, latents, steps)
             if inpainting is not None:
                 latents = inpainting.keep_unmasked(latents, timesteps[i + 1] if i + 1 < len(timesteps) else None)
@@ -92,23 +99,28 @@ class StableDiffusion:
     def __call__(self, prompt: str, negative_prompt: str = "", steps: int = 30, guidance: float = 7.5, seed: int = 0,
                  width: int | None = None, height: int | None = None, num_images: int = 1, clip_skip: int = 0,
                  init_image: Image.Image | None = None, strength: float | None = None, mask: Image.Image | None = None,
-                 mask_crop: int | None = None, hook: CrossAttentionHook | None = None,
-                 progress: bool = True) -> list[Image.Image]:
+                 mask_crop: int | None = None, controls: Sequence[ControlNetInput] = (),
+                 hook: CrossAttentionHook | None = None, progress: bool = True) -> list[Image.Image]:
         """Generate ``num_images`` images; guidance ≤ 1 turns classifier-free guidance off.
 
         With ``init_image``, img2img: the picture noised by ``strength`` (default 0.8; 1 keeps
         little of it) is denoised. With a ``mask`` too (white = repaint), inpainting: only the
         white region changes (``strength`` default 1.0); ``mask_crop`` works on the mask's bounding
         box widened by that many pixels, at the output size, and pastes the result back into the
-        picture. Size: ``width`` × ``height``, by default the init image's size rounded down to a
-        multiple of 8, else 512 × 512 (diffusers' inpainting pipeline defaults to 512 × 512 always)."""
+        picture. ``controls``: ControlNets with their control images, whose residuals add up.
+        Size: ``width`` × ``height``, by default the init image's or else the first control image's
+        size rounded down to a multiple of 8, else 512 × 512 (diffusers' inpainting pipeline
+        defaults to 512 × 512 always)."""
         if mask is not None and init_image is None:
             raise ValueError("a mask needs the init image it masks")
         if mask_crop is not None and mask.size != init_image.size:
             raise ValueError(f"a mask crop cuts the same box from the mask and the init image, so they must be the same "
                              f"size: the mask is {mask.width}×{mask.height}, the image {init_image.width}×{init_image.height}")
-        width, height = size_of(init_image, width, height) if init_image is not None else (width or DEFAULT_SIZE, height or DEFAULT_SIZE)
+        picture = init_image if init_image is not None else controls[0].image if controls else None
+        width, height = size_of(picture, width, height) if picture is not None else (width or DEFAULT_SIZE,
+                                                                                     height or DEFAULT_SIZE)
         check_size(width, height)
+        guides = [control.guide(width, height, self.device, self.dtype) for control in controls]
         if self.unet.cfg.in_channels != 4 and mask is None:
             raise ValueError(f"this UNet takes {self.unet.cfg.in_channels} input channels (an inpainting model): "
                              "give it an init image and a mask")
@@ -133,7 +145,7 @@ class StableDiffusion:
                 latents, inpainting = Inpainting.start(self.vae, self.scheduler, generator, pixels, repaint, num_images,
                                                        t, strength, self.unet.cfg.in_channels)
         latents = self.denoise(latents.to(self.device, self.dtype), cond, uncond, steps, guidance, hook, start,
-                               inpainting, progress)
+                               inpainting, guides, progress)
         images = to_images(self.vae.decode(latents))
         if box is not None:
             images = [paste_back(image, init_image, mask, box) for image in images]

@@ -18,11 +18,14 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from . import demo
+from .controlnet import ControlNetInput
 from .ddim import DDIM
 from .editing import IMG2IMG_STRENGTH, INPAINT_STRENGTH
 from .formats.files import message, write_atomically
+from .image_processing import size_of
 from .ip_layers import expand_scale
 from .ip_pipeline import IPAdapterPipeline
+from .loading import load_controlnet
 from .pipeline import DEFAULT_SIZE, StableDiffusion, check_size
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -70,6 +73,26 @@ def build_parser() -> argparse.ArgumentParser:
                       help="inpaint only the mask's bounding box widened by PAD pixels, at the output size, and paste "
                            "the result back into the whole picture (diffusers' padding_mask_crop): more detail "
                            "for a small mask in a large picture")
+    control = p.add_argument_group(
+        "structure (ControlNet)",
+        "Repeat --controlnet and --control-image for several ControlNets; their effects add up. --control-scale, "
+        "--control-start and --control-end take one value for all, or one per --controlnet in order. The control "
+        "image (an edge, depth or pose map, as the ControlNet was trained on) sets the output size unless an init "
+        "image or --width/--height do, and must then be of that size.")
+    control.add_argument("--controlnet", type=Path, action="append", metavar="FILE",
+                         help="ControlNet weights: the original control_v11*_sd15_*.pth/.safetensors, a diffusers "
+                              "folder, or a converted file")
+    control.add_argument("--control-image", type=Path, action="append", metavar="FILE",
+                         help="the control image of the --controlnet at the same position")
+    control.add_argument("--control-scale", type=float, action="append", metavar="S",
+                         help="how strongly the ControlNet acts (default 1.0)")
+    control.add_argument("--control-start", type=float, action="append", metavar="F",
+                         help="the fraction of the steps after which it starts acting (default 0.0)")
+    control.add_argument("--control-end", type=float, action="append", metavar="F",
+                         help="the fraction of the steps after which it stops acting (default 1.0)")
+    control.add_argument("--guess-mode", action="store_true",
+                         help="the ControlNets guide the prompt's half of classifier-free guidance only, their "
+                              "shallow layers damped: they recognise the content with an empty --prompt")
     ip = p.add_argument_group(
         "image prompt (IP-Adapter)",
         "Give --ip-adapter, --image-encoder and --image together. --scale (λ) trades the reference image "
@@ -136,9 +159,15 @@ def validate(args: argparse.Namespace) -> list[Path]:
     if not args.model.exists():
         raise ValueError(f"--model {args.model}: no such file or folder")
     validate_editing(args)
-    if args.init_image is None:
-        args.width, args.height = args.width or DEFAULT_SIZE, args.height or DEFAULT_SIZE
-    check_size(args.width or 8, args.height or 8)  # a side left unset is the init image's, made a multiple of 8
+    controls = validate_controls(args)
+    picture = open_image(args.init_image, "--init-image") if args.init_image else controls[0][1] if controls else None
+    default_width, default_height = size_of(picture) if picture else (DEFAULT_SIZE, DEFAULT_SIZE)
+    args.width, args.height = args.width or default_width, args.height or default_height
+    check_size(args.width, args.height)
+    for (path, image) in controls:
+        if size_of(image) != (args.width, args.height):
+            raise ValueError(f"--control-image {path} is {image.width}×{image.height}, the output "
+                             f"{args.width}×{args.height}: give a control image of the output size")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: no CUDA device is available here (use --device cpu)")
     if not 1 <= args.steps <= DDIM().max_steps:
@@ -193,6 +222,37 @@ def validate_editing(args: argparse.Namespace) -> None:
         args.strength = INPAINT_STRENGTH if args.mask else IMG2IMG_STRENGTH
 
 
+def per_control(args: argparse.Namespace, name: str, default: float) -> list[float]:
+    """One value per --controlnet from a repeated option given 0, 1 or N times."""
+    values, count = getattr(args, name) or [], len(args.controlnet or [])
+    if len(values) not in (0, 1, count):
+        raise ValueError(f"--{name.replace('_', '-')}: give one value, or one per --controlnet ({count}), "
+                         f"not {len(values)}")
+    return values * count if len(values) == 1 else values or [default] * count
+
+
+def validate_controls(args: argparse.Namespace) -> list[tuple[Path, Image.Image]]:
+    """The ControlNet options, checked; (path, image) of each control image."""
+    nets, images = args.controlnet or [], args.control_image or []
+    if len(images) < len(nets):
+        raise ValueError(f"--controlnet needs --control-image: {len(nets)} ControlNets, {len(images)} control images")
+    if len(images) > len(nets):
+        raise ValueError(f"--control-image needs --controlnet: {len(nets)} ControlNets, {len(images)} control images")
+    if args.guess_mode and not nets:
+        raise ValueError("--guess-mode applies to ControlNets: give --controlnet and --control-image")
+    args.control_scale = per_control(args, "control_scale", 1.0)
+    args.control_start = per_control(args, "control_start", 0.0)
+    args.control_end = per_control(args, "control_end", 1.0)
+    for start, end in zip(args.control_start, args.control_end):
+        if not 0 <= start < end <= 1:
+            raise ValueError(f"--control-start {start} and --control-end {end}: need 0 ≤ --control-start < "
+                             "--control-end ≤ 1")
+    for net in nets:
+        if not net.exists():
+            raise ValueError(f"--controlnet {net}: no such file or folder")
+    return [(path, open_image(path, "--control-image")) for path in images]
+
+
 def generation_parameters(args: argparse.Namespace, index: int, size: tuple[int, int]) -> str:
     """Written into the PNG so that an image says how it was made."""
     fields = {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "steps": args.steps,
@@ -203,6 +263,10 @@ def generation_parameters(args: argparse.Namespace, index: int, size: tuple[int,
         fields.update({"init_image": args.init_image.name, "strength": args.strength})
     if args.mask:
         fields.update({"mask": args.mask.name, "mask_crop": args.mask_crop})
+    for i, net in enumerate(args.controlnet or []):
+        fields[f"controlnet_{i}"] = (f"{net.name} image {args.control_image[i].name} scale {args.control_scale[i]} "
+                                     f"start {args.control_start[i]} end {args.control_end[i]}"
+                                     + (" guess mode" if args.guess_mode else ""))
     if args.ip_adapter:
         fields.update({"ip_adapter": args.ip_adapter.name, "images": " ".join(p.name for p in args.image),
                        "scale": json.dumps(args.scale), "image_combine": args.image_combine, "crop": not args.no_crop})
@@ -241,6 +305,11 @@ def main(argv: list[str] | None = None) -> int:
                           strength=args.strength, mask=args.mask and open_image(args.mask, "--mask"),
                           mask_crop=args.mask_crop, progress=not args.no_progress)
         device, dtype = args.device, DTYPES[args.dtype]
+        generation["controls"] = [
+            ControlNetInput(load_controlnet(net, device, dtype), open_image(image, "--control-image"), scale, start, end,
+                            args.guess_mode)
+            for net, image, scale, start, end in zip(args.controlnet or [], args.control_image or [],
+                                                      args.control_scale, args.control_start, args.control_end)]
         if args.ip_adapter:
             pipe = IPAdapterPipeline.from_files(args.model, args.ip_adapter, args.image_encoder, device, dtype)
             images = pipe(args.prompt, references, scale=args.scale, negative_prompt=args.negative_prompt,

@@ -10,6 +10,7 @@ adapter reaches them only through the ``hook`` argument (see ``attention.py``).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -178,10 +179,35 @@ class Step(nn.ModuleList):
         return x
 
 
-class UNet(nn.Module):
-    """Noise prediction ε(x_t, t, text tokens) for latents [B, 4, H/8, W/8]."""
+@dataclass
+class Residuals:
+    """What structural controls add to the UNet's activations: the one input through which
+    ControlNets and T2I-Adapters reach it, the way image prompts reach it through the hook.
 
-    def __init__(self, cfg: UNetConfig = UNetConfig()):
+    ``skips``: one tensor per skip connection (12 for SD1.5), added to what the input blocks hand
+    to the output blocks, the hidden state going down unchanged (ControlNet). ``middle``: added to
+    the middle block's output (ControlNet). ``levels``: one tensor per resolution level, added to
+    the hidden state after the level's last input block, so that both its skip connection and the
+    path down carry it (T2I-Adapter). Several controls add up."""
+
+    skips: list[torch.Tensor] | None = None
+    middle: torch.Tensor | None = None
+    levels: list[torch.Tensor] | None = None
+
+    def __add__(self, other: "Residuals") -> "Residuals":
+        def add(a, b):
+            if a is None or b is None:
+                return b if a is None else a
+            return [x + y for x, y in zip(a, b, strict=True)] if isinstance(a, list) else a + b
+        return Residuals(*(add(getattr(self, f), getattr(other, f)) for f in ("skips", "middle", "levels")))
+
+
+class DownPath(nn.Module):
+    """The UNet's first half: time embedding, input blocks and middle block. The UNet goes on
+    with its output blocks; a ControlNet is a second, separately trained copy of this half
+    (``controlnet.py``). Module names are the original checkpoints', for both."""
+
+    def __init__(self, cfg: UNetConfig):
         super().__init__()
         self.cfg = cfg
         ch, tdim, g = cfg.channels, cfg.time_dim, cfg.groups
@@ -192,7 +218,8 @@ class UNet(nn.Module):
         self.time_embed = nn.Sequential(nn.Linear(ch, tdim), nn.SiLU(), nn.Linear(tdim, tdim))
 
         self.input_blocks = nn.ModuleList([Step([nn.Conv2d(cfg.in_channels, ch, 3, padding=1)])])
-        skip_channels = [ch]
+        self.skip_channels = [ch]  # what each input block hands to the output blocks
+        self.level_ends = []  # the index of each level's last input block (before its downsampler)
         cur = ch
         for level, mult in enumerate(cfg.channel_mult):
             for _ in range(cfg.res_blocks):
@@ -201,20 +228,34 @@ class UNet(nn.Module):
                 if level in cfg.attention_levels:
                     layers.append(transformer(cur))
                 self.input_blocks.append(Step(layers))
-                skip_channels.append(cur)
+                self.skip_channels.append(cur)
+            self.level_ends.append(len(self.input_blocks) - 1)
             if level != len(cfg.channel_mult) - 1:
                 self.input_blocks.append(Step([Downsample(cur)]))
-                skip_channels.append(cur)
+                self.skip_channels.append(cur)
 
         self.middle_block = Step([ResBlock(cur, cur, tdim, g), transformer(cur), ResBlock(cur, cur, tdim, g)])
 
+    def embed_time(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        t = t.expand(x.shape[0]) if t.dim() == 0 else t
+        return self.time_embed(timestep_embedding(t, self.cfg.channels).to(x.dtype))
+
+
+class UNet(DownPath):
+    """Noise prediction ε(x_t, t, text tokens) for latents [B, 4, H/8, W/8]."""
+
+    def __init__(self, cfg: UNetConfig = UNetConfig()):
+        super().__init__(cfg)
+        ch, tdim, g = cfg.channels, cfg.time_dim, cfg.groups
+        skip_channels = list(self.skip_channels)
+        cur = skip_channels[-1]
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
             for i in range(cfg.res_blocks + 1):
                 layers = [ResBlock(cur + skip_channels.pop(), ch * mult, tdim, g)]
                 cur = ch * mult
                 if level in cfg.attention_levels:
-                    layers.append(transformer(cur))
+                    layers.append(SpatialTransformer(cur, cfg.context_dim, cfg.heads, g))
                 if level != 0 and i == cfg.res_blocks:
                     layers.append(Upsample(cur))
                 self.output_blocks.append(Step(layers))
@@ -234,14 +275,21 @@ class UNet(nn.Module):
         return [attn.to_k.out_features for attn in self.cross_attention_layers()]
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
-                hook: CrossAttentionHook | None = None) -> torch.Tensor:
-        t = t.expand(x.shape[0]) if t.dim() == 0 else t
-        emb = self.time_embed(timestep_embedding(t, self.cfg.channels).to(x.dtype))
+                hook: CrossAttentionHook | None = None, residuals: Residuals | None = None) -> torch.Tensor:
+        residuals = residuals or Residuals()
+        emb = self.embed_time(t, x)
+        levels = iter(residuals.levels or [])
         skips = []
-        for step in self.input_blocks:
+        for index, step in enumerate(self.input_blocks):
             x = step(x, emb, context, hook)
+            if residuals.levels is not None and index in self.level_ends:
+                x = x + next(levels)
             skips.append(x)
         x = self.middle_block(x, emb, context, hook)
+        if residuals.middle is not None:
+            x = x + residuals.middle
+        if residuals.skips is not None:
+            skips = [skip + extra for skip, extra in zip(skips, residuals.skips, strict=True)]
         for step in self.output_blocks:
             x = torch.cat([x, skips.pop()], dim=1)
             x = step(x, emb, context, hook, skips[-1].shape[-2:] if skips else None)

@@ -281,3 +281,22 @@ def sample_images() -> list[Image.Image]:
         a = 127.5 * (1 + np.sin(9 * x + 5 * y + np.arange(3))) + rng.normal(0, 25, (h, w, 3))
         out.append(Image.fromarray(np.clip(a, 0, 255).astype(np.uint8)))
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# ControlNet: diffusers' ControlNetModel with random weights (its own defaults are SD1.5's)
+
+def controlnet_kwargs(size: str) -> dict:
+    keep = ("block_out_channels", "layers_per_block", "norm_num_groups", "cross_attention_dim", "attention_head_dim",
+            "down_block_types")
+    kwargs = {k: v for k, v in unet_kwargs(size).items() if k in keep}
+    if size == TINY:
+        kwargs["conditioning_embedding_out_channels"] = (8, 8, 16, 16)  # three halvings: pixels → latents
+    return kwargs
+
+
+def make_controlnet(size: str, seed: int = 20, **overrides):
+    from diffusers import ControlNetModel
+    from diffusers.models.modeling_utils import no_init_weights
+    with no_init_weights():
+        return randomize_(ControlNetModel(**{**controlnet_kwargs(size), **overrides}), seed).eval()

@@ -7,6 +7,8 @@ import os
 
 import torch
 
+from ipadapter_min.controlnet import ControlNet
+from ipadapter_min.formats.controlnet import controlnet_metadata, read_controlnet
 from ipadapter_min.formats.files import Checkpoint, save_safetensors
 from ipadapter_min.formats.image_encoder import image_encoder_metadata, read_transformers_image_encoder
 from ipadapter_min.formats.ip_adapter import ip_adapter_metadata, read_ip_adapter
@@ -57,3 +59,13 @@ def write_image_encoder(src: str | os.PathLike, out: str | os.PathLike, force: b
     dtype = next(iter(tensors.values())).dtype
     return (f"{out}: {metadata['model']} image encoder, {len(tensors)} tensors, "
             f"{sum(t.numel() for t in tensors.values()) / 1e6:.0f}M parameters, {str(dtype).removeprefix('torch.')}")
+
+
+def write_controlnet(src: str | os.PathLike, out: str | os.PathLike, force: bool = False) -> str:
+    checkpoint, cfg = read_controlnet(src)
+    build_checked(lambda: ControlNet(cfg), checkpoint, "an SD1.5 ControlNet")
+    tensors = dict(sorted(checkpoint.tensors.items()))
+    save_safetensors(tensors, out, controlnet_metadata(cfg), overwrite=force)
+    pooled = ", global pooling (shuffle)" if cfg.global_pool else ""
+    return (f"{out}: SD1.5 ControlNet{pooled}, {len(tensors)} tensors, "
+            f"{sum(t.numel() for t in tensors.values()) / 1e6:.0f}M parameters")

@@ -41,6 +41,16 @@ class ControlNetConfig:
     global_pool: bool = False
 
 
+@dataclass(frozen=True)
+class T2IAdapterConfig:
+    """A T2I-Adapter for SD1.5: full (sketch, canny, depth, …) or light (color)."""
+    light: bool = False
+    in_channels: int = 3  # 1 for the sketch and canny adapters (grayscale control images)
+    channels: tuple[int, ...] = (320, 640, 1280, 1280)  # SD1.5's level widths
+    res_blocks: int = 2  # residual blocks per level: 2 (full), 4 (light)
+    unshuffle: int = 8  # pixels → latent size
+
+
 @dataclass
 class VAEConfig:
     channels: int = 128

@@ -16,16 +16,18 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from .configs import CONTEXT_DIM, AdapterSpec, ControlNetConfig, ImageEncoderConfig
+from .configs import CONTEXT_DIM, AdapterSpec, ControlNetConfig, ImageEncoderConfig, T2IAdapterConfig
 from .controlnet import ControlNet
 from .formats.controlnet import read_controlnet
 from .formats.files import Checkpoint, CheckpointError, release
 from .formats.image_encoder import read_image_encoder
 from .formats.ip_adapter import read_ip_adapter, to_project_layout
+from .formats.t2i_adapter import read_t2i_adapter
 from .formats.sd15 import read_sd15
 from .ip_layers import CROSS_ATTENTION_WIDTHS
 from .image_encoder import ImageEncoder, import_open_clip
 from .ip_adapter import IPAdapter
+from .t2i_adapter import T2IAdapter
 from .text_encoder import TextEncoder
 from .unet import UNet
 from .vae import VAE
@@ -182,3 +184,19 @@ def load_controlnet(path: str | Path, device: str | torch.device = "cpu", dtype:
     """An original ControlNet file (.pth or .safetensors, with or without ``control_model.``), a
     diffusers folder or a converted file."""
     return controlnet_from_checkpoint(*read_controlnet(path), device, dtype)
+
+
+def t2i_adapter_what(cfg: T2IAdapterConfig) -> str:
+    return f"a {'light' if cfg.light else 'full'} SD1.5 T2I-Adapter ({'grayscale' if cfg.in_channels == 1 else 'colour'} input)"
+
+
+def t2i_adapter_from_checkpoint(checkpoint: Checkpoint, cfg: T2IAdapterConfig, device: str | torch.device = "cpu",
+                                dtype: torch.dtype = torch.float32) -> T2IAdapter:
+    model = build_checked(lambda: T2IAdapter(cfg), checkpoint, t2i_adapter_what(cfg))
+    return assign(model, checkpoint, device, dtype)
+
+
+def load_t2i_adapter(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+                     ) -> T2IAdapter:
+    """An original TencentARC T2I-Adapter file, a diffusers folder or a converted file."""
+    return t2i_adapter_from_checkpoint(*read_t2i_adapter(path), device, dtype)

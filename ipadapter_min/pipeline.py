@@ -22,6 +22,7 @@ from .ddim import DDIM
 from .editing import IMG2IMG_STRENGTH, INPAINT_STRENGTH, Inpainting, first_step, img2img_latents, noise
 from .image_processing import binary_mask, crop_box, paste_back, size_of, vae_pixels
 from .loading import load_sd15
+from .t2i_adapter import T2IAdapterInput
 from .tokenizer import Tokenizer
 
 
@@ -99,7 +100,7 @@ class StableDiffusion:
     def __call__(self, prompt: str, negative_prompt: str = "", steps: int = 30, guidance: float = 7.5, seed: int = 0,
                  width: int | None = None, height: int | None = None, num_images: int = 1, clip_skip: int = 0,
                  init_image: Image.Image | None = None, strength: float | None = None, mask: Image.Image | None = None,
-                 mask_crop: int | None = None, controls: Sequence[ControlNetInput] = (),
+                 mask_crop: int | None = None, controls: Sequence[ControlNetInput | T2IAdapterInput] = (),
                  hook: CrossAttentionHook | None = None, progress: bool = True) -> list[Image.Image]:
         """Generate ``num_images`` images; guidance ≤ 1 turns classifier-free guidance off.
 
@@ -107,7 +108,8 @@ class StableDiffusion:
         little of it) is denoised. With a ``mask`` too (white = repaint), inpainting: only the
         white region changes (``strength`` default 1.0); ``mask_crop`` works on the mask's bounding
         box widened by that many pixels, at the output size, and pastes the result back into the
-        picture. ``controls``: ControlNets with their control images, whose residuals add up.
+        picture. ``controls``: ControlNets and T2I-Adapters with their control images, whose
+        residuals add up.
         Size: ``width`` × ``height``, by default the init image's or else the first control image's
         size rounded down to a multiple of 8, else 512 × 512 (diffusers' inpainting pipeline
         defaults to 512 × 512 always)."""

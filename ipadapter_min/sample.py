@@ -25,8 +25,9 @@ from .formats.files import message, write_atomically
 from .image_processing import size_of
 from .ip_layers import expand_scale
 from .ip_pipeline import IPAdapterPipeline
-from .loading import load_controlnet
+from .loading import load_controlnet, load_t2i_adapter
 from .pipeline import DEFAULT_SIZE, StableDiffusion, check_size
+from .t2i_adapter import T2IAdapterInput
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -93,6 +94,19 @@ def build_parser() -> argparse.ArgumentParser:
     control.add_argument("--guess-mode", action="store_true",
                          help="the ControlNets guide the prompt's half of classifier-free guidance only, their "
                               "shallow layers damped: they recognise the content with an empty --prompt")
+    t2i = p.add_argument_group(
+        "structure (T2I-Adapter)",
+        "A lighter alternative to ControlNet: the adapter reads its image once, not at every step. Repeat "
+        "--t2i-adapter and --adapter-image for several; their features add up, each times its --adapter-scale "
+        "(one value for all, or one per adapter). They combine with ControlNets and image prompts.")
+    t2i.add_argument("--t2i-adapter", type=Path, action="append", metavar="FILE",
+                     help="T2I-Adapter weights: an original TencentARC t2iadapter_*_sd1*.pth (full or light), a "
+                          "diffusers folder, or a converted file")
+    t2i.add_argument("--adapter-image", type=Path, action="append", metavar="FILE",
+                     help="the control image of the --t2i-adapter at the same position (grayscale for sketch and "
+                          "canny adapters: colour images are converted)")
+    t2i.add_argument("--adapter-scale", type=float, action="append", metavar="S",
+                     help="how strongly the T2I-Adapter acts (default 1.0)")
     ip = p.add_argument_group(
         "image prompt (IP-Adapter)",
         "Give --ip-adapter, --image-encoder and --image together. --scale (λ) trades the reference image "
@@ -160,13 +174,13 @@ def validate(args: argparse.Namespace) -> list[Path]:
         raise ValueError(f"--model {args.model}: no such file or folder")
     validate_editing(args)
     controls = validate_controls(args)
-    picture = open_image(args.init_image, "--init-image") if args.init_image else controls[0][1] if controls else None
+    picture = open_image(args.init_image, "--init-image") if args.init_image else controls[0][2] if controls else None
     default_width, default_height = size_of(picture) if picture else (DEFAULT_SIZE, DEFAULT_SIZE)
     args.width, args.height = args.width or default_width, args.height or default_height
     check_size(args.width, args.height)
-    for (path, image) in controls:
+    for flag, path, image in controls:
         if size_of(image) != (args.width, args.height):
-            raise ValueError(f"--control-image {path} is {image.width}×{image.height}, the output "
+            raise ValueError(f"{flag} {path} is {image.width}×{image.height}, the output "
                              f"{args.width}×{args.height}: give a control image of the output size")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: no CUDA device is available here (use --device cpu)")
@@ -222,35 +236,45 @@ def validate_editing(args: argparse.Namespace) -> None:
         args.strength = INPAINT_STRENGTH if args.mask else IMG2IMG_STRENGTH
 
 
-def per_control(args: argparse.Namespace, name: str, default: float) -> list[float]:
-    """One value per --controlnet from a repeated option given 0, 1 or N times."""
-    values, count = getattr(args, name) or [], len(args.controlnet or [])
+def per_model(args: argparse.Namespace, name: str, models: str, default: float) -> list[float]:
+    """One value per model (``--controlnet`` or ``--t2i-adapter``) from a repeated option given 0, 1
+    or N times."""
+    values, count = getattr(args, name) or [], len(getattr(args, models) or [])
     if len(values) not in (0, 1, count):
-        raise ValueError(f"--{name.replace('_', '-')}: give one value, or one per --controlnet ({count}), "
-                         f"not {len(values)}")
+        raise ValueError(f"--{name.replace('_', '-')}: give one value, or one per --{models.replace('_', '-')} "
+                         f"({count}), not {len(values)}")
     return values * count if len(values) == 1 else values or [default] * count
 
 
-def validate_controls(args: argparse.Namespace) -> list[tuple[Path, Image.Image]]:
-    """The ControlNet options, checked; (path, image) of each control image."""
-    nets, images = args.controlnet or [], args.control_image or []
-    if len(images) < len(nets):
-        raise ValueError(f"--controlnet needs --control-image: {len(nets)} ControlNets, {len(images)} control images")
-    if len(images) > len(nets):
-        raise ValueError(f"--control-image needs --controlnet: {len(nets)} ControlNets, {len(images)} control images")
+def paired(args: argparse.Namespace, models: str, images: str) -> list[tuple[Path, Path]]:
+    """(model, image) pairs of a repeated model option and its repeated image option."""
+    given, pictures = getattr(args, models) or [], getattr(args, images) or []
+    flags = [f"--{name.replace('_', '-')}" for name in (models, images)]
+    if len(given) != len(pictures):
+        first, second = flags if len(pictures) < len(given) else flags[::-1]
+        raise ValueError(f"{first} needs {second}: {len(given)} × {flags[0]}, {len(pictures)} × {flags[1]}")
+    for model in given:
+        if not model.exists():
+            raise ValueError(f"{flags[0]} {model}: no such file or folder")
+    return list(zip(given, pictures))
+
+
+def validate_controls(args: argparse.Namespace) -> list[tuple[str, Path, Image.Image]]:
+    """The ControlNet and T2I-Adapter options, checked; (flag, path, image) of each control image."""
+    nets, adapters = paired(args, "controlnet", "control_image"), paired(args, "t2i_adapter", "adapter_image")
     if args.guess_mode and not nets:
         raise ValueError("--guess-mode applies to ControlNets: give --controlnet and --control-image")
-    args.control_scale = per_control(args, "control_scale", 1.0)
-    args.control_start = per_control(args, "control_start", 0.0)
-    args.control_end = per_control(args, "control_end", 1.0)
+    args.control_scale = per_model(args, "control_scale", "controlnet", 1.0)
+    args.control_start = per_model(args, "control_start", "controlnet", 0.0)
+    args.control_end = per_model(args, "control_end", "controlnet", 1.0)
+    args.adapter_scale = per_model(args, "adapter_scale", "t2i_adapter", 1.0)
     for start, end in zip(args.control_start, args.control_end):
         if not 0 <= start < end <= 1:
             raise ValueError(f"--control-start {start} and --control-end {end}: need 0 ≤ --control-start < "
                              "--control-end ≤ 1")
-    for net in nets:
-        if not net.exists():
-            raise ValueError(f"--controlnet {net}: no such file or folder")
-    return [(path, open_image(path, "--control-image")) for path in images]
+    return [(flag, path, open_image(path, flag)) for flag, pairs in (("--control-image", nets),
+                                                                     ("--adapter-image", adapters))
+            for _, path in pairs]
 
 
 def generation_parameters(args: argparse.Namespace, index: int, size: tuple[int, int]) -> str:
@@ -267,6 +291,8 @@ def generation_parameters(args: argparse.Namespace, index: int, size: tuple[int,
         fields[f"controlnet_{i}"] = (f"{net.name} image {args.control_image[i].name} scale {args.control_scale[i]} "
                                      f"start {args.control_start[i]} end {args.control_end[i]}"
                                      + (" guess mode" if args.guess_mode else ""))
+    for i, adapter in enumerate(args.t2i_adapter or []):
+        fields[f"t2i_adapter_{i}"] = f"{adapter.name} image {args.adapter_image[i].name} scale {args.adapter_scale[i]}"
     if args.ip_adapter:
         fields.update({"ip_adapter": args.ip_adapter.name, "images": " ".join(p.name for p in args.image),
                        "scale": json.dumps(args.scale), "image_combine": args.image_combine, "crop": not args.no_crop})
@@ -310,6 +336,9 @@ def main(argv: list[str] | None = None) -> int:
                             args.guess_mode)
             for net, image, scale, start, end in zip(args.controlnet or [], args.control_image or [],
                                                       args.control_scale, args.control_start, args.control_end)]
+        generation["controls"] += [
+            T2IAdapterInput(load_t2i_adapter(adapter, device, dtype), open_image(image, "--adapter-image"), scale)
+            for adapter, image, scale in zip(args.t2i_adapter or [], args.adapter_image or [], args.adapter_scale)]
         if args.ip_adapter:
             pipe = IPAdapterPipeline.from_files(args.model, args.ip_adapter, args.image_encoder, device, dtype)
             images = pipe(args.prompt, references, scale=args.scale, negative_prompt=args.negative_prompt,

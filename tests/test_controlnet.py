@@ -170,7 +170,7 @@ def test_sample_command_takes_controlnets(tiny, sd, nets, tmp_path):
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--controlnet", "{d}/c.pth"], "--controlnet needs --control-image"),
+    (["--controlnet", "{d}/c.pth"], "--controlnet needs --control-image: 1 × --controlnet, 0 × --control-image"),
     (["--control-image", "{d}/edges.png"], "--control-image needs --controlnet"),
     (["--controlnet", "{d}/c.pth", "--control-image", "{d}/edges.png", "--width", "64", "--height", "64"],
      "--control-image {d}/edges.png is 64×48, the output 64×64"),

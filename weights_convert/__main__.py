@@ -5,6 +5,7 @@ project's safetensors layout, which later loads as a plain memory map with no re
   ip-adapter     IP-Adapter for SD1.5: official .bin (nested) or .safetensors (flat)
   image-encoder  CLIP image encoder: transformers CLIPVisionModelWithProjection folder (ViT-H/14, ViT-bigG/14)
   controlnet     ControlNet for SD1.5: original .pth/.safetensors (control_v11*_sd15_*) or diffusers folder
+  t2i-adapter    T2I-Adapter for SD1.5: original TencentARC .pth (full or light) or diffusers folder
 
 An existing OUT is never overwritten without --force; OUT is written atomically.
 """
@@ -18,7 +19,7 @@ import torch
 
 from ipadapter_min.formats.files import message
 
-from .convert import write_controlnet, write_image_encoder, write_ip_adapter, write_sd15
+from .convert import write_controlnet, write_image_encoder, write_ip_adapter, write_sd15, write_t2i_adapter
 
 DTYPES = {"keep": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -28,6 +29,7 @@ COMMANDS = {
     "ip-adapter": (write_ip_adapter, "IP-Adapter for SD1.5: official .bin or .safetensors"),
     "image-encoder": (write_image_encoder, "CLIP image encoder: transformers CLIPVisionModelWithProjection folder"),
     "controlnet": (write_controlnet, "ControlNet for SD1.5: original .pth/.safetensors or diffusers folder"),
+    "t2i-adapter": (write_t2i_adapter, "T2I-Adapter for SD1.5: original TencentARC .pth or diffusers folder"),
 }
 
 

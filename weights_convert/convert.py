@@ -10,12 +10,14 @@ import torch
 from ipadapter_min.controlnet import ControlNet
 from ipadapter_min.formats.controlnet import controlnet_metadata, read_controlnet
 from ipadapter_min.formats.files import Checkpoint, save_safetensors
+from ipadapter_min.formats.t2i_adapter import read_t2i_adapter, t2i_adapter_metadata
 from ipadapter_min.formats.image_encoder import image_encoder_metadata, read_transformers_image_encoder
 from ipadapter_min.formats.ip_adapter import ip_adapter_metadata, read_ip_adapter
 from ipadapter_min.formats.sd15 import read_sd15, sd15_metadata
 from ipadapter_min.image_encoder import ImageEncoder, import_open_clip
 from ipadapter_min.ip_adapter import IPAdapter
-from ipadapter_min.loading import build_checked, build_sd15
+from ipadapter_min.loading import build_checked, build_sd15, t2i_adapter_what
+from ipadapter_min.t2i_adapter import T2IAdapter
 
 
 def write_sd15(src: str | os.PathLike, out: str | os.PathLike, force: bool = False,
@@ -69,3 +71,12 @@ def write_controlnet(src: str | os.PathLike, out: str | os.PathLike, force: bool
     pooled = ", global pooling (shuffle)" if cfg.global_pool else ""
     return (f"{out}: SD1.5 ControlNet{pooled}, {len(tensors)} tensors, "
             f"{sum(t.numel() for t in tensors.values()) / 1e6:.0f}M parameters")
+
+
+def write_t2i_adapter(src: str | os.PathLike, out: str | os.PathLike, force: bool = False) -> str:
+    checkpoint, cfg = read_t2i_adapter(src)
+    what = t2i_adapter_what(cfg)
+    build_checked(lambda: T2IAdapter(cfg), checkpoint, what)
+    tensors = dict(sorted(checkpoint.tensors.items()))
+    save_safetensors(tensors, out, t2i_adapter_metadata(cfg), overwrite=force)
+    return f"{out}: {what.removeprefix('a ')}, {len(tensors)} tensors, {sum(t.numel() for t in tensors.values()) / 1e6:.0f}M parameters"

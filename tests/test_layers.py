@@ -4,9 +4,9 @@
     ipadapter_min.configs, ip_layers          architecture numbers and layer tables; torchrun processes
       distributed
     ipadapter_min.formats.*                   checkpoint readers and key maps
-    ipadapter_min models                      unet, vae, text_encoder, ip_adapter, cfg (batch rows), ...
+    ipadapter_min models                      unet, vae, text_encoder, ip_adapter, cfg (batch rows), controlnet, ...
     ipadapter_min.loading                     formats → checked models
-    ipadapter_min.pipeline, ip_pipeline       generation; training (recipe, data); CLIP scores
+    ipadapter_min.pipeline, ip_pipeline       generation, editing; training (recipe, data); CLIP scores
     ipadapter_min.sample, train, evaluate,    command lines; the demo world, whose stages run them
       demo, weights_convert
     benchmarks                                measurements
@@ -25,10 +25,12 @@ LAYERS = [
     {"ipadapter_min.formats.*"},
     {"ipadapter_min.attention", "ipadapter_min.unet", "ipadapter_min.vae", "ipadapter_min.text_encoder",
      "ipadapter_min.tokenizer", "ipadapter_min.ddim", "ipadapter_min.image_encoder", "ipadapter_min.image_projection",
-     "ipadapter_min.ip_adapter", "ipadapter_min.cfg"},
+     "ipadapter_min.ip_adapter", "ipadapter_min.cfg", "ipadapter_min.controlnet", "ipadapter_min.t2i_adapter",
+     "ipadapter_min.image_processing"},
     {"ipadapter_min.loading"},
     {"ipadapter_min.pipeline", "ipadapter_min.ip_pipeline", "ipadapter_min.training", "ipadapter_min.training_data",
-     "ipadapter_min.training_cache", "ipadapter_min.training_checkpoint", "ipadapter_min.clip_score"},
+     "ipadapter_min.training_cache", "ipadapter_min.training_checkpoint", "ipadapter_min.clip_score",
+     "ipadapter_min.editing"},
     {"ipadapter_min.sample", "ipadapter_min.train", "ipadapter_min.evaluate", "ipadapter_min.demo.*", "weights_convert.*"},
     {"benchmarks.*"},
 ]

@@ -15,7 +15,6 @@ model (``*shuffle*`` in the file name, as ComfyUI decides it) pools its residual
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -23,7 +22,8 @@ import torch
 
 from ..configs import ControlNetConfig, UNetConfig
 from .files import Checkpoint, CheckpointError, read_metadata, read_state_dict
-from .sd15 import config_from, config_from_json, read_json, rename, unet_config_from_diffusers, unet_table, weights_file
+from .sd15 import config_from_json, unet_config_from_diffusers, unet_table
+from .single_model import converted_metadata, read_converted_model, read_diffusers_model
 
 FORMAT = "ipadapter_min.controlnet"
 PREFIX = "control_model."
@@ -75,22 +75,10 @@ def read_controlnet(path: str | Path) -> tuple[Checkpoint, ControlNetConfig]:
     """Any supported ControlNet → (its tensors in our layout, its config)."""
     path = Path(path)
     if path.is_dir():
-        config_path = path / "config.json"
-        cfg = config_from(controlnet_config_from_diffusers, read_json(config_path), config_path)
-        weights = weights_file(path, ("diffusion_pytorch_model",))
-        table = controlnet_table(cfg)
-        tensors, origin = {}, {}
-        for key, value in read_state_dict(weights).items():
-            ours = rename(key, table)
-            tensors[ours], origin[ours] = value, f"{weights}: key {key!r}"
-        return Checkpoint(tensors, str(path), origin), cfg
+        return read_diffusers_model(path, controlnet_config_from_diffusers, controlnet_table)
     metadata = read_metadata(path)
     if metadata.get("format") == FORMAT:
-        try:
-            cfg = controlnet_config_from_json(metadata["config"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"{path}: metadata config is missing or invalid ({exc})") from None
-        return Checkpoint(read_state_dict(path), str(path)), cfg
+        return read_converted_model(path, metadata, controlnet_config_from_json)
     raw = read_state_dict(path)
     if not any(k.startswith(PREFIX) or k.startswith("input_hint_block.") for k in raw):
         raise CheckpointError(f"{path}: not a ControlNet (no control_model.* or input_hint_block.* keys)")
@@ -105,7 +93,7 @@ def read_controlnet(path: str | Path) -> tuple[Checkpoint, ControlNetConfig]:
 
 
 def controlnet_metadata(cfg: ControlNetConfig) -> dict[str, str]:
-    return {"format": FORMAT, "config": json.dumps(dataclasses.asdict(cfg))}
+    return converted_metadata(FORMAT, cfg)
 
 
 def controlnet_config_from_json(text: str) -> ControlNetConfig:

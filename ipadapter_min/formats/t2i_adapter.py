@@ -11,15 +11,14 @@ Full or light, and grayscale or colour input, are read off the keys and shapes.
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 from pathlib import Path
 
 import torch
 
 from ..configs import T2IAdapterConfig
 from .files import Checkpoint, CheckpointError, read_metadata, read_state_dict
-from .sd15 import config_from, read_json, rename, weights_file
+from .sd15 import config_from_json
+from .single_model import converted_metadata, read_converted_model, read_diffusers_model
 
 FORMAT = "ipadapter_min.t2i_adapter"
 DIFFUSERS_PREFIX = "adapter."
@@ -72,25 +71,13 @@ def t2i_config_from_diffusers(c: dict) -> T2IAdapterConfig:
 
 
 def read_t2i_adapter(path: str | Path) -> tuple[Checkpoint, T2IAdapterConfig]:
+    """Any supported T2I-Adapter → (its tensors in our layout, its config)."""
     path = Path(path)
     if path.is_dir():
-        config_path = path / "config.json"
-        cfg = config_from(t2i_config_from_diffusers, read_json(config_path), config_path)
-        weights = weights_file(path, ("diffusion_pytorch_model",))
-        table = t2i_adapter_table(cfg)
-        tensors, origin = {}, {}
-        for key, value in read_state_dict(weights).items():
-            ours = rename(key, table)
-            tensors[ours], origin[ours] = value, f"{weights}: key {key!r}"
-        return Checkpoint(tensors, str(path), origin), cfg
+        return read_diffusers_model(path, t2i_config_from_diffusers, t2i_adapter_table)
     metadata = read_metadata(path)
     if metadata.get("format") == FORMAT:
-        try:
-            fields = json.loads(metadata["config"])
-            cfg = T2IAdapterConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"{path}: metadata config is missing or invalid ({exc})") from None
-        return Checkpoint(read_state_dict(path), str(path)), cfg
+        return read_converted_model(path, metadata, lambda text: config_from_json(T2IAdapterConfig, text))
     raw = read_state_dict(path)
     if any(".resnets." in k for k in raw):
         raise CheckpointError(f"{path}: a T2I-Adapter in diffusers' layout: give its folder (with config.json)")
@@ -100,4 +87,4 @@ def read_t2i_adapter(path: str | Path) -> tuple[Checkpoint, T2IAdapterConfig]:
 
 
 def t2i_adapter_metadata(cfg: T2IAdapterConfig) -> dict[str, str]:
-    return {"format": FORMAT, "config": json.dumps(dataclasses.asdict(cfg))}
+    return converted_metadata(FORMAT, cfg)

@@ -131,6 +131,28 @@ def test_pipeline_matches_diffusers(tiny, sd, nets, case):
 
 
 @torch.no_grad()
+def test_controlnet_with_img2img_matches_diffusers(tiny, sd, nets):
+    """The two combined, as StableDiffusionControlNetImg2ImgPipeline combines them."""
+    from diffusers import StableDiffusionControlNetImg2ImgPipeline
+    init = Image.fromarray(np.random.default_rng(5).integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize(
+        (64, 48), Image.BILINEAR)
+    control = control_picture(64, 48, seed=3)
+    mine = sd(PROMPT, NEGATIVE, steps=5, seed=8, init_image=init, strength=0.8,
+              controls=[ControlNetInput(load_controlnet(nets[0][1]), control, scale=0.9)], progress=False)
+    pipe = StableDiffusionControlNetImg2ImgPipeline(
+        vae=tiny.vae, text_encoder=tiny.text_encoder, tokenizer=tiny.tokenizer, unet=tiny.unet, controlnet=nets[0][0],
+        scheduler=ref.ddim_scheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe(PROMPT, image=init, control_image=control, strength=0.8, negative_prompt=NEGATIVE,
+                  num_inference_steps=5, controlnet_conditioning_scale=0.9,
+                  generator=torch.Generator("cpu").manual_seed(8)).images
+    diff = np.abs(pixels(mine) - pixels(theirs)).max()
+    assert diff <= 2, f"max pixel difference {diff}/255"
+    img2img_only = sd(PROMPT, NEGATIVE, steps=5, seed=8, init_image=init, strength=0.8, progress=False)
+    assert np.abs(pixels(mine) - pixels(img2img_only)).max() > 8
+
+
+@torch.no_grad()
 def test_control_image_of_another_size_is_refused(sd, nets):
     control = ControlNetInput(load_controlnet(nets[0][1]), control_picture(64, 48, 0))
     with pytest.raises(ValueError, match="the control image is 64×48, the output 64×64"):
@@ -180,10 +202,12 @@ def test_sample_command_takes_controlnets(tiny, sd, nets, tmp_path):
      "0 ≤ --control-start < --control-end ≤ 1"),
     (["--controlnet", "{d}/missing.pth", "--control-image", "{d}/edges.png"], "--controlnet {d}/missing.pth: no such"),
     (["--guess-mode"], "--guess-mode applies to ControlNets"),
+    (["--controlnet", "{d}/sdxl.safetensors", "--control-image", "{d}/edges.png"], "a ControlNet for SDXL"),
 ])
 def test_sample_refuses_bad_control_input_before_loading(tmp_path, capsys, extra, message):
     control_picture(64, 48, 0).save(tmp_path / "edges.png")
     (tmp_path / "c.pth").write_bytes(b"x")
+    save_file({"control_model.label_emb.0.0.weight": torch.zeros(2, 2)}, tmp_path / "sdxl.safetensors")
     (tmp_path / "model.safetensors").write_bytes(b"garbage: loading it would fail differently")
     args = ["--model", str(tmp_path / "model.safetensors"), "--out", str(tmp_path / "o.png")]
     assert sample.main(args + [a.format(d=tmp_path) for a in extra]) == 2

@@ -12,6 +12,7 @@ ControlNet), random weights in the released formats, fp32, CPU:
 one set of reference models, dropped before ours load (see test_ip_adapter_full.py).
 """
 import gc
+import shutil
 
 import numpy as np
 import pytest
@@ -37,7 +38,8 @@ pytestmark = pytest.mark.usefixtures("free_memory")
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """The IP-Adapter (official .bin) and the ControlNet as a diffusers folder, an original .pth
-    (prefixed) and an original .safetensors (unprefixed). Paths only."""
+    (prefixed) and an original .safetensors (unprefixed). Paths only; the 4.3 GB of files go when
+    the module is done."""
     root = tmp_path_factory.mktemp("controls_full")
     ref.write_official(ref.official_state("base", seed=30), root / ADAPTER)
     model = ref.make_controlnet(ref.FULL, seed=31)
@@ -49,7 +51,8 @@ def files(tmp_path_factory):
     save_file({k: v.contiguous() for k, v in checkpoint.tensors.items()}, root / "control_sd15_canny.safetensors")
     del checkpoint
     gc.collect()
-    return root
+    yield root
+    shutil.rmtree(root)
 
 
 def pictures():

@@ -2,8 +2,8 @@
 
 Every cross-attention layer of the UNet computes its heads' q, k, v and then either calls
 :func:`attention` or, when a hook is given, ``hook(layer, q, k, v)``. Everything an adapter
-does to a layer (image tokens, λ per layer, later masks, step ranges, several adapters)
-lives behind that hook; the UNet never changes for it.
+does to a layer (image tokens, λ per layer, masks, step ranges, several adapters) lives
+behind that hook; the UNet never changes for it.
 """
 from __future__ import annotations
 
@@ -18,6 +18,11 @@ class CrossAttentionHook(Protocol):
     # Which UNet batch rows are conditional (``cfg``): the runtime that lays out the batch
     # sets it before calling the UNet (the pipeline does in ``StableDiffusion.denoise``).
     rows: tuple[bool, ...] | None
+
+    def set_step(self, step: int, steps: int, timestep: int) -> None:
+        """Called by the denoising loop before each step (0-based ``step`` of ``steps``, at
+        ``timestep``), for hooks that act in part of the run only."""
+        ...
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Return the attention output for cross-attention ``layer`` (0..15, in the order the

@@ -21,6 +21,7 @@ from torch import nn
 from .cfg import CFGBatch
 from .configs import ControlNetConfig
 from .image_processing import size_of, unit_pixels
+from .step_ranges import in_step_range
 from .unet import DownPath, Residuals, StridedConv2d
 
 
@@ -98,8 +99,7 @@ class ControlNetGuide:
         """Per-residual factors: ``scale``, zero outside [start, end] (the net still runs, as in
         diffusers); in guess mode 10^(−1 … 0) over the 12 skips and the middle."""
         given = self.given
-        active = not (step / steps < given.start or (step + 1) / steps > given.end)
-        scale = given.scale * float(active)
+        scale = given.scale * float(in_step_range(step, steps, given.start, given.end))
         if self.guess_mode:
             return torch.logspace(-1, 0, count, device=self.hint.device) * scale
         return [scale] * count

@@ -10,9 +10,11 @@ rows and one reference image per row: there the hook holds one set of tokens per
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from kernels import decoupled_attention
@@ -21,6 +23,7 @@ from .cfg import CFGBatch, Rows, as_rows, per_row
 from .configs import CONTEXT_DIM, AdapterSpec
 from .image_projection import build_projection
 from .ip_layers import CROSS_ATTENTION_WIDTHS, NUM_LAYERS, expand_scale
+from .step_ranges import in_sigma_range, in_step_range
 
 # (q, k_text, v_text, k_image, v_image, scale) -> out, as kernels.decoupled_attention
 DecoupledAttention = Callable[..., torch.Tensor]
@@ -74,6 +77,43 @@ class IPAdapter(nn.Module):
 # The hook
 
 
+EMBEDS_SCALING = ("V only", "K+V", "K+V w/ C penalty", "K+mean(V) w/ C penalty")
+STEP_RANGES = ("steps", "sigmas")
+
+
+def scale_image_kv(mode: str, k: torch.Tensor, v: torch.Tensor, weight: float, width: int
+                   ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """ComfyUI's embeds scaling of one layer's image keys and values (…, tokens, head_dim): the
+    scaled (k, v) and the weight still to apply to the attention output. "V only" scales the output
+    (diffusers' λ); "K+V" scales keys and values, which also sharpens or flattens the softmax; the
+    C-penalty modes first weaken narrow layers (weight · width/1280); "K+mean(V)" scales only the
+    values' mean over the tokens."""
+    if mode not in EMBEDS_SCALING:
+        raise ValueError(f"unknown embeds scaling {mode!r}; expected one of: {', '.join(EMBEDS_SCALING)}")
+    if mode == "V only":
+        return k, v, weight
+    if mode.endswith("w/ C penalty"):
+        weight = weight * width / 1280.0
+    if mode == "K+mean(V) w/ C penalty":
+        mean = v.mean(dim=-2, keepdim=True)
+        return k * weight, (v - mean) + mean * weight, 1.0
+    return k * weight, v * weight, 1.0
+
+
+def mask_grid(mask_height: int, mask_width: int, queries: int) -> tuple[int, int]:
+    """The (h, w) grid a mask is resized to for a layer of ``queries`` positions, as diffusers'
+    IPAdapterMaskProcessor.downsample sizes it from the mask's aspect; an error where that grid
+    does not cover the layer exactly (diffusers would pad or cut it silently)."""
+    ratio = mask_width / mask_height
+    h = int(math.sqrt(queries / ratio))
+    h = h + int(queries % h != 0)
+    w = queries // h
+    if h * w != queries:
+        raise ValueError(f"a {mask_width}×{mask_height} mask does not fit a layer of {queries} positions: give masks "
+                         f"of the output's aspect ratio")
+    return h, w
+
+
 class ImagePromptAttention:
     """Decoupled cross-attention of one IP-Adapter (implements ``attention.CrossAttentionHook``):
 
@@ -90,27 +130,32 @@ class ImagePromptAttention:
 
     The image K/V of both token sets are computed at a layer's first call and cached: the tokens
     are the same at every denoising step, so make a new hook when the tokens change (and per step
-    when training). A layer whose λ is 0 (including -0.0 and a zero tensor) calls
-    ``decoupled_attention(q, k, v)`` without image tokens: bit-identical to the base model,
-    whatever the tokens hold (NaN included), and the image K/V are never computed.
+    when training). A layer whose λ is 0 (including -0.0 and a zero tensor), and every layer at a
+    step outside [``start``, ``end``], calls ``decoupled_attention(q, k, v)`` without image tokens:
+    bit-identical to the base model, whatever the tokens hold (NaN included), and the image K/V are
+    never computed.
 
-    ``attention`` computes the two-softmax sum: ``kernels.decoupled_attention`` (the fused kernel
-    on CUDA) by default, or ``kernels.decoupled_attention_reference`` for diffusers' exact op
-    order (two SDPA calls, a scale, an add) when comparing with the reference on a GPU.
+    Options, each as a reference defines it:
+    - ``masks`` (images, H, W) in [0, 1]: regional prompting, diffusers' ``ip_adapter_masks``. The
+      tokens are one group per mask (the images' tokens concatenated in order); each group gets its
+      own attention, times its mask resized (bicubic) to the layer's grid.
+    - ``start``/``end``: the fraction of the denoising the image acts in; ``step_range`` "steps"
+      (diffusers' ControlNet convention) or "sigmas" (ComfyUI's start_at/end_at). The loop tells
+      the hook where it is with :meth:`set_step`.
+    - ``swapped``: layers where the image tokens go to the unconditional rows and the conditional
+      rows get none (ComfyUI's precise weight types).
+    - ``embeds_scaling``: ComfyUI's (:func:`scale_image_kv`).
 
-    Where later features go (all inside this class; the UNet stays as it is):
-    - start/end step: the sampler sets the current step on the hook (e.g. ``hook.step = i``) and
-      ``__call__`` treats λ as 0 outside the range — the same no-image-tokens path.
-    - several adapters: hold one (layers, tokens, λ per layer) entry per adapter and add one image
-      term per entry (a kernel call taking several image K/V sets, or repeated calls).
-    - masks per reference image: keep each image's tokens apart (T tokens per image), attend to
-      each image separately and multiply its term by the mask resized to the layer's q length
-      (q length → latent h·w at this layer) before adding, as diffusers does with ip_adapter_masks.
+    ``attention`` computes the two-softmax sum where nothing of the above applies:
+    ``kernels.decoupled_attention`` (the fused kernel on CUDA) by default, or
+    ``kernels.decoupled_attention_reference`` for diffusers' exact op order.
     """
 
     def __init__(self, layers: IPAdapterLayers, positive: torch.Tensor, negative: torch.Tensor | None = None,
                  scale: object = 1.0, *, rows: Sequence[bool] | None = None, strict: bool = True,
-                 attention: DecoupledAttention = decoupled_attention):
+                 attention: DecoupledAttention = decoupled_attention, masks: torch.Tensor | None = None,
+                 start: float = 0.0, end: float = 1.0, step_range: str = "steps",
+                 swapped: frozenset[int] = frozenset(), embeds_scaling: str = "V only"):
         self.per_row_tokens = negative is None
         if self.per_row_tokens:
             if positive.ndim != 3 or positive.shape[-1] != layers.context_dim:
@@ -126,12 +171,23 @@ class ImagePromptAttention:
                                  f"{list(negative.shape)}")
         if len(layers) != NUM_LAYERS:
             raise ValueError(f"expected {NUM_LAYERS} adapter layers, got {len(layers)}")
+        if masks is not None and (masks.ndim != 3 or positive.shape[1] % masks.shape[0]):
+            raise ValueError(f"masks must be (images, height, width), one per image whose tokens the hook holds; got "
+                             f"{list(masks.shape)} for {positive.shape[1]} tokens")
+        if not 0 <= start < end <= 1:
+            raise ValueError(f"start and end must satisfy 0 ≤ start < end ≤ 1, got {start} and {end}")
+        if step_range not in STEP_RANGES:
+            raise ValueError(f"step_range must be one of {STEP_RANGES}, got {step_range!r}")
+        scale_image_kv(embeds_scaling, positive[:0], positive[:0], 1.0, 1)  # an unknown mode fails now
         self.layers = layers
         # projected together; per_row picks [1] for cond rows, [0] for uncond ones
         self.tokens = positive if self.per_row_tokens else torch.cat([negative, positive])
         self.rows = rows
         self.scales = expand_scale(scale, strict=strict)
         self.attention = attention
+        self.masks, self.start, self.end, self.step_range = masks, start, end, step_range
+        self.swapped, self.embeds_scaling = frozenset(swapped), embeds_scaling
+        self.active = True
         self._kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
@@ -148,6 +204,16 @@ class ImagePromptAttention:
     def set_scale(self, scale: object, *, strict: bool = True) -> None:
         """Change λ (same forms as :func:`expand_scale`); the cached image K/V stay valid."""
         self.scales = expand_scale(scale, strict=strict)
+
+    def set_step(self, step: int, steps: int, timestep: int) -> None:
+        """Where the denoising loop is: step ``step`` (0-based) of ``steps``, at ``timestep``."""
+        if self.step_range == "steps":
+            self.active = in_step_range(step, steps, self.start, self.end)
+        else:
+            self.active = in_sigma_range(timestep, self.start, self.end)
+
+    def acts(self, layer: int) -> bool:
+        return self.active and self.scales[layer] != 0.0
 
     def layout(self, batch: int, layer: int) -> Rows:
         """The row layout for a UNet batch of ``batch`` rows; a one-line error naming both sizes."""
@@ -182,15 +248,84 @@ class ImagePromptAttention:
         self._kv[layer] = (k, v)
         return k, v
 
+    def row_kv(self, layer: int, q: torch.Tensor, rows: Rows) -> tuple[torch.Tensor, torch.Tensor]:
+        """The image keys and values of each UNet row: positive in conditional rows, negative in
+        the others; on a swapped layer the positive in the unconditional rows and none (zeros,
+        which attend to exactly 0: the projections have no bias) in the conditional ones."""
+        k_img, v_img = self.image_kv(layer, q.shape[1], q.dtype, q.device)
+        if self.per_row_tokens:
+            return k_img, v_img
+        if layer in self.swapped:
+            return tuple(per_row(rows, torch.zeros_like(kv[1:]), kv[1:]) for kv in (k_img, v_img))
+        return tuple(per_row(rows, kv[1:], kv[:1]) for kv in (k_img, v_img))
+
+    def plain(self, layer: int) -> bool:
+        """Whether this layer is the paper's decoupled attention and nothing more (the fused path)."""
+        return self.masks is None and self.embeds_scaling == "V only" and layer not in self.swapped
+
+    def add_to(self, out: torch.Tensor, layer: int, q: torch.Tensor, rows: Rows) -> torch.Tensor:
+        """``out`` plus this adapter's image term at ``layer``, added per masked image in turn, in
+        diffusers' op order: out + λ · attention, or out + λ · (attention · mask)."""
+        k_img, v_img = self.row_kv(layer, q, rows)
+        width = self.layers[layer].to_k_ip.out_features
+        k_img, v_img, weight = scale_image_kv(self.embeds_scaling, k_img, v_img, self.scales[layer], width)
+        if self.masks is None:
+            return out + weight * F.scaled_dot_product_attention(q, k_img, v_img)
+        groups = self.masks.shape[0]
+        for image, (k_i, v_i) in enumerate(zip(k_img.chunk(groups, dim=2), v_img.chunk(groups, dim=2))):
+            mask = self.layer_mask(image, q.shape[2]).to(q.dtype)
+            out = out + weight * (F.scaled_dot_product_attention(q, k_i, v_i) * mask)
+        return out
+
+    def layer_mask(self, image: int, queries: int) -> torch.Tensor:
+        """Image ``image``'s mask on a layer of ``queries`` positions, (queries, 1): bicubic, not
+        clamped (it may overshoot [0, 1] a little, as diffusers')."""
+        mask = self.masks[image]
+        h, w = mask_grid(mask.shape[0], mask.shape[1], queries)
+        small = F.interpolate(mask[None, None].float(), size=(h, w), mode="bicubic")
+        return small.reshape(queries, 1)
+
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         rows = self.layout(q.shape[0], layer)
-        scale = self.scales[layer]
-        if scale == 0.0:
+        if not self.acts(layer):
             return decoupled_attention(q, k, v)
-        k_img, v_img = self.image_kv(layer, q.shape[1], q.dtype, q.device)
-        if not self.per_row_tokens:
-            k_img, v_img = (per_row(rows, kv[1:], kv[:1]) for kv in (k_img, v_img))
-        return self.attention(q, k, v, k_img, v_img, scale)
+        if self.plain(layer):
+            k_img, v_img = self.row_kv(layer, q, rows)
+            return self.attention(q, k, v, k_img, v_img, self.scales[layer])
+        return self.add_to(decoupled_attention(q, k, v), layer, q, rows)
+
+
+class ImagePrompts:
+    """Several IP-Adapters at once (implements ``attention.CrossAttentionHook``): the text
+    attention plus each adapter's image term in turn, as diffusers adds them. Each adapter keeps
+    its own tokens, λ, masks, step range and options (an :class:`ImagePromptAttention` each); the
+    row layout and the step are passed on to all."""
+
+    def __init__(self, hooks: Sequence[ImagePromptAttention]):
+        if not hooks:
+            raise ValueError("no image prompts given")
+        self.hooks = list(hooks)
+
+    @property
+    def rows(self) -> Rows | None:
+        return self.hooks[0].rows
+
+    @rows.setter
+    def rows(self, rows: Sequence[bool] | torch.Tensor | None) -> None:
+        for hook in self.hooks:
+            hook.rows = rows
+
+    def set_step(self, step: int, steps: int, timestep: int) -> None:
+        for hook in self.hooks:
+            hook.set_step(step, steps, timestep)
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        out = decoupled_attention(q, k, v)
+        for hook in self.hooks:
+            rows = hook.layout(q.shape[0], layer)
+            if hook.acts(layer):
+                out = hook.add_to(out, layer, q, rows)
+        return out
 
 
 # ----------------------------------------------------------------------------------------------

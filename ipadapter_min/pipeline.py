@@ -84,6 +84,8 @@ class StableDiffusion:
         timesteps = self.scheduler.timesteps(steps)[start:]
         for i, t in enumerate(tqdm(timesteps, desc="denoising", disable=not progress)):
             x, t_ = batch.inputs(latents), torch.tensor(t, device=self.device)
+            if hook is not None:
+                hook.set_step(i, len(timesteps), t)
             residuals = None
             for guide in guides:
                 extra = guide.residuals(x, t_, context, batch, i, len(timesteps))

@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("kernels", "ipadapter_min", "weights_convert", "benchmarks")
 LAYERS = [
     {"kernels.*"},
-    {"ipadapter_min", "ipadapter_min.configs", "ipadapter_min.ip_layers", "ipadapter_min.distributed"},
+    {"ipadapter_min", "ipadapter_min.configs", "ipadapter_min.ip_layers", "ipadapter_min.distributed",
+     "ipadapter_min.weight_types", "ipadapter_min.step_ranges"},
     {"ipadapter_min.formats.*"},
     {"ipadapter_min.attention", "ipadapter_min.unet", "ipadapter_min.vae", "ipadapter_min.text_encoder",
      "ipadapter_min.tokenizer", "ipadapter_min.ddim", "ipadapter_min.image_encoder", "ipadapter_min.image_projection",

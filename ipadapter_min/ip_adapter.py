@@ -378,21 +378,39 @@ def encode_images(encoder: Callable, pixels: torch.Tensor, spec: AdapterSpec,
     return features, negative
 
 
-def _combine(adapter: IPAdapter, features: torch.Tensor, combine: str, weights: Sequence[float] | None
-             ) -> torch.Tensor:
+COMBINE = ("concat", "average", "add", "subtract", "norm average")
+
+
+def combine_features(features: torch.Tensor, combine: str, weights: Sequence[float] | None = None) -> torch.Tensor:
+    """N images' encoder features → one image's, by ComfyUI_IPAdapter_plus's ``combine_embeds``:
+    ``average`` (optionally weighted), ``add`` (the sum), ``subtract`` (the first minus the mean of
+    the others) or ``norm average`` (the mean after dividing by the norm taken across the images)."""
     n = features.shape[0]
-    if combine == "concat":
-        if weights is not None:
-            raise ValueError("weights apply to combine='average' only")
-        tokens = adapter(features)
-        return tokens.reshape(1, n * tokens.shape[1], tokens.shape[2])  # image-major, as diffusers
+    if weights is not None and combine != "average":
+        raise ValueError("weights apply to combine='average' only")
     if combine == "average":
         w = torch.ones(n) if weights is None else torch.as_tensor(weights, dtype=torch.float32).reshape(-1)
         if w.numel() != n or not torch.isfinite(w).all() or w.sum() == 0:
             raise ValueError(f"need {n} finite weights with a nonzero sum, got {weights}")
         w = (w / w.sum()).to(features.device).reshape((n,) + (1,) * (features.ndim - 1))
-        return adapter((w * features.float()).sum(0, keepdim=True).to(features.dtype))
-    raise ValueError(f"unknown combine {combine!r}: expected 'concat' or 'average'")
+        return (w * features.float()).sum(0, keepdim=True).to(features.dtype)
+    if combine == "add":
+        return features.sum(0, keepdim=True)
+    if combine == "subtract":
+        return (features[0] - features[1:].mean(0)).unsqueeze(0) if n > 1 else features
+    if combine == "norm average":
+        return (features / features.norm(dim=0, keepdim=True)).mean(0, keepdim=True)
+    raise ValueError(f"unknown combine {combine!r}: expected one of {', '.join(COMBINE)}")
+
+
+def _combine(adapter: IPAdapter, features: torch.Tensor, combine: str, weights: Sequence[float] | None
+             ) -> torch.Tensor:
+    if combine == "concat":
+        if weights is not None:
+            raise ValueError("weights apply to combine='average' only")
+        tokens = adapter(features)
+        return tokens.reshape(1, features.shape[0] * tokens.shape[1], tokens.shape[2])  # image-major, as diffusers
+    return adapter(combine_features(features, combine, weights))
 
 
 def tokens_from_features(adapter: IPAdapter, features: torch.Tensor, negative_features: torch.Tensor | None = None,
@@ -402,8 +420,9 @@ def tokens_from_features(adapter: IPAdapter, features: torch.Tensor, negative_fe
     N reference images; the hook puts them in the UNet batch's rows.
 
     Several images are combined by concatenating their tokens along the token axis (default, as
-    diffusers: one softmax over all images' tokens, N·T tokens) or by averaging their features with
-    ``weights`` before projecting (T tokens). ``negative_features`` default to a zero embedding
+    diffusers: one softmax over all images' tokens, N·T tokens), or into one image's features
+    before projecting (T tokens; :func:`combine_features`), whose negative is then the first
+    image's negative, as ComfyUI has it. ``negative_features`` default to a zero embedding
     (base, light, vit-G); plus and full-face need the encoder's features of a zero image (see
     :func:`encode_images`).
     """
@@ -412,7 +431,10 @@ def tokens_from_features(adapter: IPAdapter, features: torch.Tensor, negative_fe
             raise ValueError(f"the {adapter.spec.variant} adapter's negative tokens come from the image encoder "
                              f"(features of an all-zero pixel tensor): pass negative_features (encode_images)")
         negative_features = torch.zeros_like(features)
-    return _combine(adapter, features, combine, weights), _combine(adapter, negative_features, combine, weights)
+    positive = _combine(adapter, features, combine, weights)
+    if combine == "concat":
+        return positive, _combine(adapter, negative_features, combine, None)
+    return positive, adapter(negative_features[:1])
 
 
 def image_prompt_tokens(adapter: IPAdapter, encoder: Callable, pixels: torch.Tensor, *,

@@ -24,6 +24,7 @@ from .editing import IMG2IMG_STRENGTH, INPAINT_STRENGTH
 from .formats.files import message, write_atomically
 from .image_processing import size_of
 from .ip_layers import expand_scale
+from .ip_adapter import COMBINE
 from .ip_pipeline import IPAdapterPipeline
 from .loading import load_controlnet, load_t2i_adapter
 from .pipeline import DEFAULT_SIZE, StableDiffusion, check_size
@@ -122,8 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     ip.add_argument("--scale", type=parse_scale, help="λ: a number, or a JSON dict of per-block values "
                     "as diffusers' set_ip_adapter_scale takes, e.g. '{\"down\": {\"block_2\": [0.0, 1.0]}}' "
                     "(blocks not named get 0); default 1.0")
-    ip.add_argument("--image-combine", choices=["concat", "average"],
-                    help="several reference images: concatenate their tokens (as diffusers) or average their embeddings")
+    ip.add_argument("--image-combine", choices=COMBINE,
+                    help="several reference images: concatenate their tokens (as diffusers), or combine their "
+                         "embeddings into one image's as ComfyUI's combine_embeds does (average, add, subtract: the "
+                         "first minus the mean of the others, norm average)")
     ip.add_argument("--no-crop", action="store_true", help="resize reference images whole to the encoder's input size "
                     "(224×224 for the releases') instead of CLIPImageProcessor's shortest-side resize and center crop")
     ip.add_argument("--reference-attention", action="store_true",

@@ -185,3 +185,25 @@ def test_precise_types_swap_the_rows():
     assert torch.equal(out[1], text[1])  # conditional row: no image
     flipped = ImagePromptAttention(layers, negative, positive, 0.7)(4, q, k, v)  # positive tokens in uncond rows
     assert (out[0] - flipped[0]).abs().max() <= 1e-6 and (out[0] - reference[0]).abs().max() > 1e-3
+
+
+def comfyui_combine(img_cond_embeds, combine_embeds):
+    """ipadapter_execute's combine_embeds (IPAdapterPlus.py)."""
+    if combine_embeds == "add":
+        return torch.sum(img_cond_embeds, dim=0).unsqueeze(0)
+    if combine_embeds == "subtract":
+        return (img_cond_embeds[0] - torch.mean(img_cond_embeds[1:], dim=0)).unsqueeze(0)
+    if combine_embeds == "average":
+        return torch.mean(img_cond_embeds, dim=0).unsqueeze(0)
+    return torch.mean(img_cond_embeds / torch.norm(img_cond_embeds, dim=0, keepdim=True), dim=0).unsqueeze(0)
+
+
+@pytest.mark.parametrize("mode", ["add", "subtract", "average", "norm average"])
+@pytest.mark.parametrize("shape", [(3, 1024), (3, 257, 1280)])  # base embeddings, plus hidden states
+def test_combine_modes_match_comfyui(mode, shape):
+    from ipadapter_min.ip_adapter import combine_features
+    features = torch.randn(*shape, generator=torch.Generator().manual_seed(7))
+    expected = comfyui_combine(features, mode)
+    ours = combine_features(features, mode)
+    assert ours.shape == expected.shape and (ours - expected).abs().max() <= 1e-5
+    assert (ours - features[:1]).abs().max() > 1e-2  # not just the first image

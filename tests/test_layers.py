@@ -27,7 +27,7 @@ LAYERS = [
     {"ipadapter_min.attention", "ipadapter_min.unet", "ipadapter_min.vae", "ipadapter_min.text_encoder",
      "ipadapter_min.tokenizer", "ipadapter_min.ddim", "ipadapter_min.image_encoder", "ipadapter_min.image_projection",
      "ipadapter_min.ip_adapter", "ipadapter_min.cfg", "ipadapter_min.controlnet", "ipadapter_min.t2i_adapter",
-     "ipadapter_min.image_processing"},
+     "ipadapter_min.image_processing", "ipadapter_min.negative_noise"},
     {"ipadapter_min.loading"},
     {"ipadapter_min.pipeline", "ipadapter_min.ip_pipeline", "ipadapter_min.training", "ipadapter_min.training_data",
      "ipadapter_min.training_cache", "ipadapter_min.training_checkpoint", "ipadapter_min.clip_score",

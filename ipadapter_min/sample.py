@@ -17,15 +17,20 @@ from pathlib import Path
 import torch
 from PIL import Image, PngImagePlugin
 
-from . import demo
+from kernels import decoupled_attention, decoupled_attention_reference
+
+from . import demo, image_prompt_args
 from .controlnet import ControlNetInput
 from .ddim import DDIM
 from .editing import IMG2IMG_STRENGTH, INPAINT_STRENGTH
 from .formats.files import message, write_atomically
 from .image_processing import size_of
 from .ip_layers import expand_scale
-from .ip_adapter import COMBINE
-from .ip_pipeline import IPAdapterPipeline
+from .image_prompt_args import read_image_embeds, save_image_embeds
+from .ip_adapter import COMBINE, EMBEDS_SCALING
+from .ip_pipeline import ImagePromptInput, image_prompt_hook, load_image_prompt_models
+from .negative_noise import KINDS as NOISE_KINDS, negative_noise
+from .weight_types import WEIGHT_TYPES, weight_type
 from .loading import load_controlnet, load_t2i_adapter
 from .pipeline import DEFAULT_SIZE, StableDiffusion, check_size
 from .t2i_adapter import T2IAdapterInput
@@ -110,10 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="how strongly the T2I-Adapter acts (default 1.0)")
     ip = p.add_argument_group(
         "image prompt (IP-Adapter)",
-        "Give --ip-adapter, --image-encoder and --image together. --scale (λ) trades the reference image "
-        "against the text prompt: 1.0 follows the image closely and largely overrides the text; about 0.5 "
-        "balances image and text; 0 ignores the image and gives exactly the image made without an adapter. "
-        "Use an empty --prompt for image variations.")
+        "Give --ip-adapter, --image-encoder and --image together (or --embeds instead of the last two). --scale "
+        "(λ) trades the reference image against the text prompt: 1.0 follows the image closely and largely "
+        "overrides the text; about 0.5 balances image and text; 0 ignores the image and gives exactly the image "
+        "made without an adapter. Use an empty --prompt for image variations. Several adapters: every "
+        "--ip-adapter starts a group, and the image-prompt flags after it (all of this section but "
+        "--reference-attention) belong to it; e.g. --ip-adapter plus.bin --image-encoder enc --image scene.png "
+        "--ip-adapter plus-face.bin --image-encoder enc --image face.png --image-mask face-area.png.")
     ip.add_argument("--ip-adapter", type=Path, help="IP-Adapter weights: official .bin/.safetensors "
                     "(ip-adapter_sd15, _light, -plus, -plus-face, -full-face, _vit-G) or a converted file")
     ip.add_argument("--image-encoder", type=Path, help="CLIP image encoder: the release's image_encoder folder "
@@ -127,6 +135,40 @@ def build_parser() -> argparse.ArgumentParser:
                     help="several reference images: concatenate their tokens (as diffusers), or combine their "
                          "embeddings into one image's as ComfyUI's combine_embeds does (average, add, subtract: the "
                          "first minus the mean of the others, norm average)")
+    ip.add_argument("--image-mask", type=Path, nargs="+", action="extend", metavar="FILE",
+                    help="one mask per --image (white: where that image acts; diffusers' ip_adapter_masks), of the "
+                         "output's aspect ratio; each image then gets its own attention")
+    ip.add_argument("--start", type=float, help="the fraction of the steps after which the image starts acting "
+                    "(default 0.0)")
+    ip.add_argument("--end", type=float, help="the fraction of the steps after which it stops (default 1.0)")
+    ip.add_argument("--sigma-range", action="store_true",
+                    help="read --start/--end as ComfyUI's start_at/end_at: fractions turned into noise levels σ "
+                         "(percent_to_sigma), the image acting while σ lies between them, instead of fractions of "
+                         "the steps; with DDIM the two differ by a step or so")
+    ip.add_argument("--weight-type", metavar="NAME",
+                    help="ComfyUI_IPAdapter_plus's weight type: λ per layer from --scale as its weight (e.g. "
+                         "'style transfer' uses the style layers only, 'composition' the layout ones); one of: "
+                         + ", ".join(WEIGHT_TYPES))
+    ip.add_argument("--composition-weight", type=float,
+                    help="the second weight of 'style and composition' (default 1.0) and of the precise types "
+                         "(their style_boost / composition_boost; default the weight)")
+    ip.add_argument("--embeds-scaling", metavar="MODE",
+                    help="ComfyUI's embeds scaling: where λ applies (default 'V only': to the attention output, "
+                         "as diffusers); one of: " + ", ".join(EMBEDS_SCALING))
+    ip.add_argument("--negative-image", type=Path, nargs="+", action="extend", metavar="FILE",
+                    help="the negative side of the image prompt (one, or one per --image) instead of the "
+                         "reference's default: a zero embedding, or for plus/full-face adapters the encoder's "
+                         "features of an all-zero normalised image (diffusers', the default here; ComfyUI encodes "
+                         "a black image instead: give a black --negative-image for that)")
+    ip.add_argument("--negative-noise", metavar="KIND[:STRENGTH]",
+                    help="a noise image as the negative (ComfyUI's IPAdapterNoise: fade, dissolve, gaussian or "
+                         "shuffle, made from the first --image; strength default 1.0)")
+    ip.add_argument("--embeds", type=Path, metavar="FILE",
+                    help="precomputed image embeddings (made by --save-embeds, or a one-tensor file of diffusers' "
+                         "ip_adapter_image_embeds, negative first) instead of --image and --image-encoder")
+    ip.add_argument("--save-embeds", type=Path, metavar="FILE",
+                    help="also write this group's image embeddings (encoder features, negative first, with the "
+                         "adapter and encoder recorded) to a .safetensors file, to reuse with --embeds")
     ip.add_argument("--no-crop", action="store_true", help="resize reference images whole to the encoder's input size "
                     "(224×224 for the releases') instead of CLIPImageProcessor's shortest-side resize and center crop")
     ip.add_argument("--reference-attention", action="store_true",
@@ -169,8 +211,10 @@ def use_demo_model(args: argparse.Namespace) -> None:
         args.ip_adapter, args.image_encoder = demo.ADAPTER, demo.IMAGE_ENCODER
 
 
-def validate(args: argparse.Namespace) -> list[Path]:
-    """Every check that needs no model, so bad input fails before minutes of loading."""
+def validate(args: argparse.Namespace, groups: list[argparse.Namespace] | None = None) -> list[Path]:
+    """Every check that needs no model, so bad input fails before minutes of loading. ``groups``:
+    the image-prompt groups (``image_prompt_args.parse``), by default ``args`` itself."""
+    groups = groups or [args]
     if args.model is None:
         use_demo_model(args)
     if not args.model.exists():
@@ -191,24 +235,11 @@ def validate(args: argparse.Namespace) -> list[Path]:
         raise ValueError(f"--steps must be in [1, {DDIM().max_steps}], got {args.steps}")
     if args.num_images < 1:
         raise ValueError(f"--num-images must be at least 1, got {args.num_images}")
-    given = [name for name in ("ip_adapter", "image_encoder", "image") if getattr(args, name)]
-    options = [flag for flag, value in (("--scale", args.scale), ("--image-combine", args.image_combine),
-                                        ("--no-crop", args.no_crop), ("--reference-attention", args.reference_attention))
-               if value not in (None, False)]
-    if options and not given:
-        raise ValueError(f"{options[0]} applies to an image prompt: give --ip-adapter, --image-encoder and --image")
-    if given and len(given) < 3:
-        missing = sorted({"ip_adapter", "image_encoder", "image"} - set(given))
-        raise ValueError("an image prompt needs " + ", ".join("--" + m.replace("_", "-") for m in missing) + " too")
-    for name in ("ip_adapter", "image_encoder"):
-        if getattr(args, name) and not getattr(args, name).exists():
-            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: no such file or folder")
-    for image in args.image or []:
-        if not image.is_file():
-            raise ValueError(f"--image {image}: no such file")
-    args.scale = 1.0 if args.scale is None else args.scale
-    args.image_combine = args.image_combine or "concat"
-    expand_scale(args.scale)  # a bad per-block --scale fails now, not after loading
+    for group in groups:
+        validate_image_prompt(group, args.width, args.height)
+    if args.reference_attention and not groups[0].ip_adapter:
+        raise ValueError("--reference-attention applies to an image prompt: give --ip-adapter, --image-encoder "
+                         "and --image")
     if not 0 <= args.clip_skip < 12:
         raise ValueError(f"--clip-skip must be in [0, 11], got {args.clip_skip}")
     paths = output_paths(args.out, args.num_images)
@@ -216,6 +247,69 @@ def validate(args: argparse.Namespace) -> list[Path]:
     if existing and not args.force:
         raise ValueError(f"{existing[0]} already exists (pass --force to overwrite it)")
     return paths
+
+
+def validate_image_prompt(group: argparse.Namespace, width: int, height: int) -> None:
+    """One image-prompt group's flags, checked before any loading; defaults filled in."""
+    sources = [name for name in ("image_encoder", "image") if getattr(group, name)]
+    options = [flag for flag, value in (("--scale", group.scale), ("--image-combine", group.image_combine),
+                                        ("--no-crop", group.no_crop), ("--image-mask", group.image_mask),
+                                        ("--start", group.start), ("--end", group.end),
+                                        ("--weight-type", group.weight_type), ("--embeds", group.embeds),
+                                        ("--negative-image", group.negative_image),
+                                        ("--negative-noise", group.negative_noise),
+                                        ("--save-embeds", group.save_embeds))
+               if value not in (None, False)]
+    if not group.ip_adapter:
+        given = options + ["--" + name.replace("_", "-") for name in sources]
+        if given:
+            raise ValueError(f"{given[0]} applies to an image prompt: give --ip-adapter, --image-encoder and --image")
+        return
+    if group.embeds is None and len(sources) < 2:
+        missing = sorted({"image_encoder", "image"} - set(sources))
+        raise ValueError("an image prompt needs " + ", ".join("--" + m.replace("_", "-") for m in missing) +
+                         " too (or --embeds)")
+    if group.embeds is not None and group.image:
+        raise ValueError("--embeds replaces --image: give one or the other")
+    group.scale = 1.0 if group.scale is None else group.scale
+    if group.weight_type is not None and not isinstance(group.scale, float):
+        raise ValueError("--weight-type takes a plain number as --scale (its weight)")
+    expand_scale(group.scale)  # a bad per-block --scale fails now, before any file is read
+    for flag, path in (("--ip-adapter", group.ip_adapter), ("--image-encoder", group.image_encoder),
+                       ("--embeds", group.embeds)):
+        if path is not None and not path.exists():
+            raise ValueError(f"{flag} {path}: no such file or folder")
+    for flag in ("image", "image_mask", "negative_image"):
+        for path in getattr(group, flag) or []:
+            open_image(path, "--" + flag.replace("_", "-"))
+    if group.image_mask:
+        if len(group.image_mask) != len(group.image or []):
+            raise ValueError(f"--image-mask: {len(group.image_mask)} masks for {len(group.image or [])} images; give "
+                             "one mask per --image")
+        for path in group.image_mask:
+            mask = open_image(path, "--image-mask")
+            if mask.width * height != mask.height * width:
+                raise ValueError(f"--image-mask {path} is {mask.width}×{mask.height}, not of the output's aspect "
+                                 f"({width}×{height}): it would be stretched")
+    group.start, group.end = group.start or 0.0, 1.0 if group.end is None else group.end
+    if not 0 <= group.start < group.end <= 1:
+        raise ValueError(f"--start {group.start} and --end {group.end}: need 0 ≤ --start < --end ≤ 1")
+    group.image_combine = group.image_combine or "concat"
+    group.embeds_scaling = group.embeds_scaling or "V only"
+    if group.embeds_scaling not in EMBEDS_SCALING:
+        raise ValueError(f"--embeds-scaling {group.embeds_scaling!r} is not one of: {', '.join(EMBEDS_SCALING)}")
+    if group.weight_type is not None:
+        weight_type(group.weight_type)  # an unknown name fails now
+    if group.negative_noise is not None:
+        kind, _, strength = group.negative_noise.partition(":")
+        if kind not in NOISE_KINDS:
+            raise ValueError(f"--negative-noise {group.negative_noise}: the kind is one of {', '.join(NOISE_KINDS)}")
+        try:
+            group.noise = (kind, float(strength or 1.0))
+        except ValueError:
+            raise ValueError(f"--negative-noise {group.negative_noise}: the strength after ':' must be a number") from None
+    if group.save_embeds is not None and group.save_embeds.suffix != ".safetensors":
+        raise ValueError(f"--save-embeds must name a .safetensors file, got {group.save_embeds}")
 
 
 def validate_editing(args: argparse.Namespace) -> None:
@@ -280,7 +374,8 @@ def validate_controls(args: argparse.Namespace) -> list[tuple[str, Path, Image.I
             for _, path in pairs]
 
 
-def generation_parameters(args: argparse.Namespace, index: int, size: tuple[int, int]) -> str:
+def generation_parameters(args: argparse.Namespace, groups: list[argparse.Namespace], index: int,
+                          size: tuple[int, int]) -> str:
     """Written into the PNG so that an image says how it was made."""
     fields = {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "steps": args.steps,
               "guidance": args.guidance, "seed": args.seed, "image_index": index, "width": size[0],
@@ -296,9 +391,18 @@ def generation_parameters(args: argparse.Namespace, index: int, size: tuple[int,
                                      + (" guess mode" if args.guess_mode else ""))
     for i, adapter in enumerate(args.t2i_adapter or []):
         fields[f"t2i_adapter_{i}"] = f"{adapter.name} image {args.adapter_image[i].name} scale {args.adapter_scale[i]}"
-    if args.ip_adapter:
-        fields.update({"ip_adapter": args.ip_adapter.name, "images": " ".join(p.name for p in args.image),
-                       "scale": json.dumps(args.scale), "image_combine": args.image_combine, "crop": not args.no_crop})
+    for number, group in enumerate(g for g in groups if g.ip_adapter):
+        suffix = "" if number == 0 else f"_{number}"
+        fields.update({f"ip_adapter{suffix}": group.ip_adapter.name,
+                       f"images{suffix}": " ".join(p.name for p in group.image or [group.embeds]),
+                       f"scale{suffix}": json.dumps(group.scale), f"image_combine{suffix}": group.image_combine,
+                       f"crop{suffix}": not group.no_crop})
+        extras = {"image_masks": " ".join(p.name for p in group.image_mask or []) or None,
+                  "start": group.start or None, "end": group.end if group.end != 1.0 else None,
+                  "weight_type": group.weight_type, "embeds_scaling": group.embeds_scaling
+                  if group.embeds_scaling != "V only" else None, "negative_noise": group.negative_noise}
+        fields.update({f"{k}{suffix}": v for k, v in extras.items() if v is not None})
+    if groups[0].ip_adapter:
         if args.reference_attention:
             fields["attention"] = "reference (two SDPA calls)"
     return "\n".join(f"{k}: {v}" for k, v in fields.items())
@@ -322,12 +426,32 @@ def open_image(path: Path, flag: str = "--image") -> Image.Image:
         raise ValueError(f"{flag} {path}: not a readable image ({exc})") from None
 
 
+def image_prompts(groups: list[argparse.Namespace], adapters, encoders) -> list[ImagePromptInput]:
+    """Each group's image prompt, with its adapter and encoder loaded; --save-embeds written."""
+    prompts = []
+    for group, adapter, encoder in zip(groups, adapters, encoders):
+        images = [open_image(p) for p in group.image or []]
+        negatives = [open_image(p, "--negative-image") for p in group.negative_image or []] or None
+        if getattr(group, "noise", None):
+            size = encoder.config.image_size if encoder is not None else 224
+            negatives = [negative_noise(*group.noise, image=images[0] if images else None, size=size)]
+        prompt = ImagePromptInput(
+            adapter, encoder, images, group.scale, group.weight_type, group.composition_weight,
+            [open_image(p, "--image-mask") for p in group.image_mask] if group.image_mask else None, group.start,
+            group.end, "sigmas" if group.sigma_range else "steps", group.embeds_scaling, group.image_combine, negatives,
+            read_image_embeds(group.embeds, adapter.spec) if group.embeds else None, crop=not group.no_crop)
+        if group.save_embeds is not None:
+            save_image_embeds(group.save_embeds, prompt.encoded(), adapter.spec, encoder.config.name, overwrite=True)
+            print(f"wrote {group.save_embeds}")
+        prompts.append(prompt)
+    return prompts
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
-        paths = validate(args)
+        args, groups = image_prompt_args.parse(argv, build_parser())
+        paths = validate(args, groups)
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        references = [open_image(p) for p in args.image or []]
         generation = dict(steps=args.steps, guidance=args.guidance, seed=args.seed, width=args.width,
                           height=args.height, num_images=args.num_images, clip_skip=args.clip_skip,
                           init_image=args.init_image and open_image(args.init_image, "--init-image"),
@@ -342,16 +466,18 @@ def main(argv: list[str] | None = None) -> int:
         generation["controls"] += [
             T2IAdapterInput(load_t2i_adapter(adapter, device, dtype), open_image(image, "--adapter-image"), scale)
             for adapter, image, scale in zip(args.t2i_adapter or [], args.adapter_image or [], args.adapter_scale)]
-        if args.ip_adapter:
-            pipe = IPAdapterPipeline.from_files(args.model, args.ip_adapter, args.image_encoder, device, dtype)
-            images = pipe(args.prompt, references, scale=args.scale, negative_prompt=args.negative_prompt,
-                          combine=args.image_combine, crop=not args.no_crop,
-                          reference_attention=args.reference_attention, **generation)
+        if groups[0].ip_adapter:
+            sd, adapters, encoders = load_image_prompt_models(
+                args.model, [g.ip_adapter for g in groups], [None if g.embeds else g.image_encoder for g in groups],
+                device, dtype)
+            attention = decoupled_attention_reference if args.reference_attention else decoupled_attention
+            hook = image_prompt_hook(image_prompts(groups, adapters, encoders), args.width, args.height, attention)
+            images = sd(args.prompt, args.negative_prompt, hook=hook, **generation)
         else:
             pipe = StableDiffusion.from_file(args.model, device=device, dtype=dtype)
             images = pipe(args.prompt, args.negative_prompt, **generation)
         for i, (image, path) in enumerate(zip(images, paths)):
-            save_png(image, path, generation_parameters(args, i, image.size), args.force)
+            save_png(image, path, generation_parameters(args, groups, i, image.size), args.force)
             print(f"wrote {path}")
     except (ValueError, TypeError, OSError, RuntimeError) as exc:  # CheckpointError is a ValueError
         print(f"error: {message(exc)}", file=sys.stderr)

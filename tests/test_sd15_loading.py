@@ -205,8 +205,10 @@ def test_sample_defaults_and_help_say_what_the_code_does(tmp_path):
         return {n: p.default for n, p in inspect.signature(fn).parameters.items() if p.default is not p.empty}
 
     parser = sample.build_parser()
-    for name in ("m", "a.bin", "enc", "r.png"):
+    for name in ("m", "a.bin", "enc"):
         (tmp_path / name).write_bytes(b"x")
+    from PIL import Image
+    Image.new("RGB", (8, 8)).save(tmp_path / "r.png")
     args = parser.parse_args(["--model", str(tmp_path / "m"), "--out", str(tmp_path / "o.png"), "--device", "cpu"])
     sample.validate(args)  # fills in what depends on the model (the size: 512, or the demo model's 64)
     sd = defaults(StableDiffusion.__call__)

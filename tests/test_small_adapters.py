@@ -128,3 +128,81 @@ def test_sd15_sized_adapter_is_refused_before_sd_weights_load(world, tmp_path, m
                        "--init", str(adapter), "--resolution", "64", "--out", str(tmp_path / "run")]) == 2
     assert capsys.readouterr().err == f"error: --init {adapter} with --model {world['model']}: {widths}\n"
     assert not (tmp_path / "o.png").exists() and not (tmp_path / "run").exists()
+
+
+def halves(tmp_path: Path) -> list[Path]:
+    paths = []
+    for i, box in enumerate(((0, 0, 31, 64), (32, 0, 64, 64))):
+        mask = Image.new("L", (64, 64), 0)
+        mask.paste(255, box)
+        paths.append(tmp_path / f"half-{i}.png")
+        mask.save(paths[-1])
+    return paths
+
+
+def test_image_prompt_groups_are_the_apis_several_adapters(world, trained, tmp_path):
+    """Two --ip-adapter groups, the second with two masked images, a weight type and a step range,
+    give the image of the Python API's image_prompt_hook with the same settings."""
+    from ipadapter_min.loading import load_image_encoder
+    from ipadapter_min.pipeline import StableDiffusion
+    adapter_file, masks = trained / "ip-adapter.bin", halves(tmp_path)
+    images = [world["folder"] / f"{i}.png" for i in range(3)]
+    groups = ["--ip-adapter", str(adapter_file), "--image-encoder", str(world["encoder"]), "--image", str(images[0]),
+              "--scale", "0.7", "--ip-adapter", str(adapter_file), "--image-encoder", str(world["encoder"]),
+              "--image", str(images[1]), str(images[2]), "--image-mask", *map(str, masks), "--scale", "0.9",
+              "--weight-type", "ease out", "--start", "0.3"]
+    got = generate(world, tmp_path / "groups.png", *groups)
+    sd = StableDiffusion(**load_sd15(world["model"]))
+    adapter = load_ip_adapter(adapter_file, widths=sd.unet.cross_attention_widths(), context_dim=CONTEXT)
+    encoder = load_image_encoder(world["encoder"])
+    prompts = [ip_pipeline.ImagePromptInput(adapter, encoder, [Image.open(images[0])], 0.7),
+               ip_pipeline.ImagePromptInput(adapter, encoder, [Image.open(p) for p in images[1:]], 0.9,
+                                            weight_type="ease out", masks=[Image.open(p) for p in masks], start=0.3)]
+    hook = ip_pipeline.image_prompt_hook(prompts, 64, 64)
+    expected = np.asarray(sd("waves", steps=3, seed=1, width=64, height=64, hook=hook, progress=False)[0])
+    assert np.array_equal(got, expected)
+    first_only = generate(world, tmp_path / "first.png", *groups[:8])
+    assert np.abs(got.astype(int) - first_only).max() > 2  # the second group acts
+
+
+def test_saved_embeds_give_the_same_image_without_the_encoder(world, trained, tmp_path):
+    adapter_file, embeds = trained / "ip-adapter.bin", tmp_path / "embeds.safetensors"
+    with_images = generate(world, tmp_path / "a.png", "--ip-adapter", str(adapter_file), "--image-encoder",
+                           str(world["encoder"]), "--image", str(world["image"]), "--scale", "0.8",
+                           "--save-embeds", str(embeds))
+    from_embeds = generate(world, tmp_path / "b.png", "--ip-adapter", str(adapter_file), "--embeds", str(embeds),
+                           "--scale", "0.8")
+    assert np.array_equal(with_images, from_embeds)
+    features = load_file(embeds)["image_embeds"]
+    assert features.shape == (2, 1, 128) and torch.equal(features[0], torch.zeros(1, 128))  # negative first: zeros
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--scale", "0.5", "--ip-adapter", "{a}", "--image-encoder", "{e}", "--image", "{i}", "--ip-adapter", "{a}",
+      "--image-encoder", "{e}", "--image", "{i}"], "--scale stands before the first --ip-adapter"),
+    (["--ip-adapter", "{a}", "--image-encoder", "{e}", "--image", "{i}", "--image-mask", "{m}", "{m}"],
+     "--image-mask: 2 masks for 1 images"),
+    (["--ip-adapter", "{a}", "--image-encoder", "{e}", "--image", "{i}", "--start", "0.6", "--end", "0.4"],
+     "need 0 ≤ --start < --end ≤ 1"),
+    (["--ip-adapter", "{a}", "--image-encoder", "{e}", "--image", "{i}", "--weight-type", "style"],
+     "unknown weight type 'style' for SD1.5"),
+    (["--ip-adapter", "{a}", "--embeds", "{x}"], "made for a plus adapter"),
+    (["--ip-adapter", "{a}", "--image-encoder", "{e}", "--image", "{i}", "--image-mask", "{w}"],
+     "not of the output's aspect"),
+])
+def test_bad_image_prompt_groups_are_refused_in_one_line(world, trained, tmp_path, capsys, extra, message):
+    from ipadapter_min.configs import AdapterSpec
+    from ipadapter_min.image_prompt_args import save_image_embeds
+    mask, wide = halves(tmp_path)[0], tmp_path / "wide.png"
+    Image.new("L", (96, 64), 255).save(wide)
+    other = tmp_path / "plus-embeds.safetensors"
+    plus = AdapterSpec("plus", "custom 128-wide", "penultimate", 128, 16, CONTEXT)
+    save_image_embeds(other, torch.zeros(2, 1, 65, 128), plus, "custom")
+    paths = dict(a=trained / "ip-adapter.bin", e=world["encoder"], i=world["image"], m=mask, x=other, w=wide)
+    args = ["--model", str(world["model"]), "--width", "64", "--height", "64", "--out", str(tmp_path / "o.png")]
+    try:
+        code = sample.main(args + [a.format(**paths) for a in extra])
+    except SystemExit as exit:
+        code = exit.code
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1, err

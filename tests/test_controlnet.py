@@ -83,6 +83,7 @@ def test_controlnet_matches_diffusers(nets):
         ours = load_controlnet(path)(x, t, context, hint)
         assert len(ours.skips) == len(down) == 4  # conv_in, level 0, its downsampler, level 1
         errors = [(a - b).abs().max().item() for a, b in zip([*ours.skips, ours.middle], [*down, mid])]
+        print(f"{path.name}: max abs error {max(errors):.1e}")
         assert max(errors) <= TOL, (path, errors)
     assert min(r.std().item() for r in down) > 1e-3  # not a degenerate comparison
 
@@ -125,6 +126,7 @@ def test_pipeline_matches_diffusers(tiny, sd, nets, case):
                   num_images_per_prompt=2, generator=torch.Generator("cpu").manual_seed(42), **theirs_kwargs).images
     assert all(im.size == (64, 48) for im in mine)  # the control image's size
     diff = np.abs(pixels(mine) - pixels(theirs)).max()
+    print(f"{case}: max pixel difference {diff}/255")
     assert diff <= 2, f"max pixel difference {diff}/255"
     without = sd(PROMPT, NEGATIVE, steps=5, seed=42, width=64, height=48, progress=False)
     assert np.abs(pixels(mine[:1]) - pixels(without)).max() > 8  # the control changes the image (4× the tolerance)

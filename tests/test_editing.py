@@ -59,6 +59,7 @@ def reference(tiny, kind: str, unet=None):
 def assert_same(mine, theirs, size):
     assert all(im.size == size for im in mine) and len(mine) == len(theirs)
     diff = np.abs(pixels(mine) - pixels(theirs)).max()
+    print(f"max pixel difference {diff}/255")
     assert diff <= 2, f"max pixel difference {diff}/255"
     assert pixels(mine).std() > 5  # a real image, not a flat one
 

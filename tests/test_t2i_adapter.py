@@ -65,6 +65,7 @@ def test_adapter_matches_diffusers_from_every_format(tmp_path, kind, in_channels
         features = load_t2i_adapter(path)(image)
         assert [f.shape for f in features] == [e.shape for e in expected]
         error = max((a - b).abs().max().item() for a, b in zip(features, expected))
+        print(f"{kind} ({in_channels} channels) from {path.name}: max abs error {error:.1e}")
         assert error <= 1e-4, (path, error)
     assert min(e.std().item() for e in expected) > 1e-3
 
@@ -108,6 +109,7 @@ def test_pipeline_matches_diffusers(tiny, tiny_adapters, scales):
     ours_pixels, their_pixels = (np.stack([np.asarray(im).astype(np.int16) for im in x]) for x in (mine, theirs))
     assert mine[0].size == (64, 48)
     diff = np.abs(ours_pixels - their_pixels).max()
+    print(f"{len(scales)} adapter(s): max pixel difference {diff}/255")
     assert diff <= 2, f"max pixel difference {diff}/255"
     without = np.asarray(sd(PROMPT, NEGATIVE, steps=4, seed=42, width=64, height=48, progress=False)[0]).astype(np.int16)
     assert np.abs(ours_pixels[0] - without).max() > 8  # the adapter changes the image (4× the tolerance)
@@ -156,6 +158,19 @@ def test_unet_step_with_an_image_prompt_and_a_t2i_adapter_matches_diffusers(smal
     hook = adapter.hook(tokens.expand(2, -1, -1))  # every row conditional, λ = 1
     mine = unet(x, t, text, hook, Residuals(levels=features))
     error = (mine - expected).abs().max().item()
+    print(f"UNet step with an image prompt and T2I features: max abs error {error:.1e}")
     assert error <= 1e-4, error
     image_only = unet(x, t, text, adapter.hook(tokens.expand(2, -1, -1)))
     assert (mine - image_only).abs().max() > 100 * 1e-4  # the features change the step
+
+
+def test_sdxl_and_foreign_adapters_are_refused(tmp_path):
+    from ipadapter_min.formats.files import CheckpointError
+    folder = tmp_path / "sdxl"
+    make_adapter(0, channels=[32, 64], num_res_blocks=1, adapter_type="full_adapter_xl").save_pretrained(folder)
+    with pytest.raises(CheckpointError, match="a T2I-Adapter for SDXL"):
+        load_t2i_adapter(folder)
+    path = tmp_path / "odd.pth"
+    torch.save({"conv_in.weight": torch.zeros(320, 100, 3, 3)}, path)
+    with pytest.raises(CheckpointError, match="takes 100 channels after pixel-unshuffle by 8, expected 64"):
+        load_t2i_adapter(path)

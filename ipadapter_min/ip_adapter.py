@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import decoupled_attention
+from kernels import (decoupled_attention, decoupled_attention_branches, decoupled_attention_branches_reference,
+                     decoupled_attention_reference)
 
 from .cfg import CFGBatch, Rows, as_rows, per_row
 from .configs import CONTEXT_DIM, AdapterSpec
@@ -148,7 +149,9 @@ class ImagePromptAttention:
 
     ``attention`` computes the two-softmax sum where nothing of the above applies:
     ``kernels.decoupled_attention`` (the fused kernel on CUDA) by default, or
-    ``kernels.decoupled_attention_reference`` for diffusers' exact op order.
+    ``kernels.decoupled_attention_reference`` for diffusers' exact op order; otherwise (masks,
+    several adapters, the other scalings) ``kernels.decoupled_attention_branches`` runs every
+    image branch in one kernel launch on CUDA, or its reference.
     """
 
     def __init__(self, layers: IPAdapterLayers, positive: torch.Tensor, negative: torch.Tensor | None = None,
@@ -263,19 +266,17 @@ class ImagePromptAttention:
         """Whether this layer is the paper's decoupled attention and nothing more (the fused path)."""
         return self.masks is None and self.embeds_scaling == "V only" and layer not in self.swapped
 
-    def add_to(self, out: torch.Tensor, layer: int, q: torch.Tensor, rows: Rows) -> torch.Tensor:
-        """``out`` plus this adapter's image term at ``layer``, added per masked image in turn, in
-        diffusers' op order: out + λ · attention, or out + λ · (attention · mask)."""
+    def branches(self, layer: int, q: torch.Tensor, rows: Rows) -> list[tuple]:
+        """This adapter's image branches at ``layer``, (k, v, weight, mask) each, as
+        ``kernels.decoupled_attention_branches`` takes them: one, or one per masked image."""
         k_img, v_img = self.row_kv(layer, q, rows)
         width = self.layers[layer].to_k_ip.out_features
         k_img, v_img, weight = scale_image_kv(self.embeds_scaling, k_img, v_img, self.scales[layer], width)
         if self.masks is None:
-            return out + weight * F.scaled_dot_product_attention(q, k_img, v_img)
+            return [(k_img, v_img, weight, None)]
         groups = self.masks.shape[0]
-        for image, (k_i, v_i) in enumerate(zip(k_img.chunk(groups, dim=2), v_img.chunk(groups, dim=2))):
-            mask = self.layer_mask(image, q.shape[2]).to(q.dtype)
-            out = out + weight * (F.scaled_dot_product_attention(q, k_i, v_i) * mask)
-        return out
+        return [(k_i, v_i, weight, self.layer_mask(image, q.shape[2]).to(q.dtype))
+                for image, (k_i, v_i) in enumerate(zip(k_img.chunk(groups, dim=2), v_img.chunk(groups, dim=2)))]
 
     def layer_mask(self, image: int, queries: int) -> torch.Tensor:
         """Image ``image``'s mask on a layer of ``queries`` positions, (queries, 1): bicubic, not
@@ -292,7 +293,13 @@ class ImagePromptAttention:
         if self.plain(layer):
             k_img, v_img = self.row_kv(layer, q, rows)
             return self.attention(q, k, v, k_img, v_img, self.scales[layer])
-        return self.add_to(decoupled_attention(q, k, v), layer, q, rows)
+        return self.branch_attention(q, k, v, self.branches(layer, q, rows))
+
+    @property
+    def branch_attention(self) -> Callable:
+        """Several branches: in one kernel launch, or (``attention`` the reference) diffusers' way."""
+        reference = self.attention is decoupled_attention_reference
+        return decoupled_attention_branches_reference if reference else decoupled_attention_branches
 
 
 class ImagePrompts:
@@ -320,12 +327,12 @@ class ImagePrompts:
             hook.set_step(step, steps, timestep)
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        out = decoupled_attention(q, k, v)
+        branches = []
         for hook in self.hooks:
             rows = hook.layout(q.shape[0], layer)
             if hook.acts(layer):
-                out = hook.add_to(out, layer, q, rows)
-        return out
+                branches += hook.branches(layer, q, rows)
+        return self.hooks[0].branch_attention(q, k, v, branches)
 
 
 # ----------------------------------------------------------------------------------------------

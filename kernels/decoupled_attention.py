@@ -133,3 +133,31 @@ def decoupled_attention(q: torch.Tensor, k_text: torch.Tensor, v_text: torch.Ten
     if _fused_kernel_applies(q, k_text, v_text, k_image, v_image, scale):
         return _triton_module.decoupled_attention_triton(q, k_text, v_text, k_image, v_image, scale)
     return decoupled_attention_reference(q, k_text, v_text, k_image, v_image, scale)
+
+
+Branch = tuple  # (k_image, v_image, scale, mask): mask None or one weight per query position
+
+
+def decoupled_attention_branches_reference(q: torch.Tensor, k_text: torch.Tensor, v_text: torch.Tensor,
+                                           branches: list[Branch]) -> torch.Tensor:
+    """``sdpa(q, k_t, v_t) + Σ_b scale_b · (sdpa(q, k_b, v_b) · mask_b)``, one branch at a time in
+    diffusers' op order (its IP-Adapter processor adds each adapter, and each masked image, in
+    turn). A mask is (len_q, 1) or broadcastable to the output."""
+    out = F.scaled_dot_product_attention(q, k_text, v_text)
+    for k, v, scale, mask in branches:
+        term = F.scaled_dot_product_attention(q, k, v)
+        out = out + scale * (term if mask is None else term * mask)
+    return out
+
+
+def decoupled_attention_branches(q: torch.Tensor, k_text: torch.Tensor, v_text: torch.Tensor,
+                                 branches: list[Branch]) -> torch.Tensor:
+    """Decoupled attention with several image branches (several adapters, or the masked images
+    of one): the fused kernel, one launch, on an sm_80+ GPU where every branch is supported;
+    :func:`decoupled_attention_branches_reference` elsewhere."""
+    if not branches:
+        return F.scaled_dot_product_attention(q, k_text, v_text)
+    if all(_fused_kernel_applies(q, k_text, v_text, k, v, scale) and not isinstance(scale, torch.Tensor)
+           for k, v, scale, _ in branches):
+        return _triton_module.decoupled_attention_branches_triton(q, k_text, v_text, branches)
+    return decoupled_attention_branches_reference(q, k_text, v_text, branches)

@@ -281,3 +281,103 @@ def decoupled_attention_triton(q, k_text, v_text, k_image, v_image, scale=1.0,
     else:
         launch(*args, **kwargs)
     return out
+
+
+@triton.jit
+def _decoupled_attention_branches_kernel(
+    Q, KT, VT, KI, VI, O, LAMS, STARTS, MASKS,
+    stride_qb, stride_qh, stride_ql,
+    stride_ktb, stride_kth, stride_ktl,
+    stride_vtb, stride_vth, stride_vtl,
+    stride_kib, stride_kih, stride_kil,
+    stride_vib, stride_vih, stride_vil,
+    stride_ob, stride_oh, stride_ol,
+    n_heads, len_q, len_t, n_branches, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_NT: tl.constexpr, BLOCK_NI: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """The text pass, then one online softmax per image branch over its own key range
+    [STARTS[b], STARTS[b+1]) of the concatenated image keys, each weighted by LAMS[b] times its
+    per-query mask MASKS[b, q]; Q read once, O written once."""
+    pid = tl.program_id(0)
+    n_m_blocks = tl.cdiv(len_q, BLOCK_M)
+    pid_m = pid % n_m_blocks
+    pid_bh = pid // n_m_blocks
+    b = (pid_bh // n_heads).to(tl.int64)
+    h = (pid_bh % n_heads).to(tl.int64)
+    q_base = Q + b * stride_qb + h * stride_qh
+    ki_base = KI + b * stride_kib + h * stride_kih
+    vi_base = VI + b * stride_vib + h * stride_vih
+    o_base = O + b * stride_ob + h * stride_oh
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_mask = offs_m < len_q
+    d_mask = offs_d < HEAD_DIM
+    qo_mask = m_mask[:, None] & d_mask[None, :]
+    q = tl.load(q_base + offs_m[:, None] * stride_ql + offs_d[None, :], mask=qo_mask, other=0.0)
+
+    m_t = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_t = tl.zeros([BLOCK_M], tl.float32)
+    acc_t = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    acc_t, m_t, l_t = _online_softmax_pass(
+        q, acc_t, m_t, l_t, KT + b * stride_ktb + h * stride_kth, VT + b * stride_vtb + h * stride_vth,
+        stride_ktl, stride_vtl, len_t, offs_d, d_mask, qk_scale, BLOCK_NT, DOT_PRECISION)
+    out = acc_t * (1.0 / l_t)[:, None]
+
+    for branch in range(n_branches):
+        start = tl.load(STARTS + branch)
+        length = tl.load(STARTS + branch + 1) - start
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc_i = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        acc_i, m_i, l_i = _online_softmax_pass(
+            q, acc_i, m_i, l_i, ki_base + start * stride_kil, vi_base + start * stride_vil, stride_kil, stride_vil,
+            length, offs_d, d_mask, qk_scale, BLOCK_NI, DOT_PRECISION)
+        weight = tl.load(LAMS + branch) * tl.load(MASKS + branch * len_q + offs_m, mask=m_mask, other=0.0)
+        out += acc_i * (weight / l_i)[:, None]
+    tl.store(o_base + offs_m[:, None] * stride_ol + offs_d[None, :], out.to(O.dtype.element_ty), mask=qo_mask)
+
+
+def decoupled_attention_branches_triton(q, k_text, v_text, branches, config: KernelConfig | None = None
+                                        ) -> torch.Tensor:
+    """Several image branches in one launch: ``branches`` is a list of (k, v, scale, mask), k/v
+    (batch, heads, tokens, head_dim) like the text's, ``scale`` a number, ``mask`` None or one
+    weight per query position (len_q values). Any device Triton runs on; no autograd."""
+    if not branches:
+        raise ValueError("no image branches given")
+    for k, v, _, _ in branches:
+        check_inputs(q, k_text, v_text, k, v)
+    B, H, Lq, D = q.shape
+    k_image = torch.cat([k for k, _, _, _ in branches], dim=2).contiguous()
+    v_image = torch.cat([v for _, v, _, _ in branches], dim=2).contiguous()
+    lengths = [k.shape[2] for k, _, _, _ in branches]
+    starts = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32, device=q.device)
+    lams = torch.tensor([float(s) for _, _, s, _ in branches], dtype=torch.float32, device=q.device)
+    masks = torch.stack([torch.ones(Lq, device=q.device) if m is None else m.reshape(Lq).float().to(q.device)
+                         for _, _, _, m in branches]).contiguous()
+    cfg = config or default_config(D, k_text.shape[2], max(lengths), q.dtype)
+    out = torch.empty_like(q)
+    if out.stride(3) != 1:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if Lq == 0 or B * H == 0:
+        return out
+    grid = (triton.cdiv(Lq, cfg.block_m) * B * H,)
+    launch = _decoupled_attention_branches_kernel[grid]
+    args = (q, k_text, v_text, k_image, v_image, out, lams, starts, masks,
+            q.stride(0), q.stride(1), q.stride(2),
+            k_text.stride(0), k_text.stride(1), k_text.stride(2),
+            v_text.stride(0), v_text.stride(1), v_text.stride(2),
+            k_image.stride(0), k_image.stride(1), k_image.stride(2),
+            v_image.stride(0), v_image.stride(1), v_image.stride(2),
+            out.stride(0), out.stride(1), out.stride(2),
+            H, Lq, k_text.shape[2], len(branches), _LOG2E / math.sqrt(D))
+    kwargs = dict(HEAD_DIM=D, BLOCK_D=_pow2_at_least_16(D), BLOCK_M=cfg.block_m, BLOCK_NT=cfg.block_n_text,
+                  BLOCK_NI=cfg.block_n_image, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if q.is_cuda:
+        with torch.cuda.device(q.device):
+            launch(*args, **kwargs)
+    else:
+        launch(*args, **kwargs)
+    return out

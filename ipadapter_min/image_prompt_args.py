@@ -24,7 +24,7 @@ from .formats.files import CheckpointError, read_metadata, read_state_dict, save
 
 GROUP_DESTS = ("ip_adapter", "image_encoder", "image", "scale", "image_mask", "start", "end", "sigma_range",
                "weight_type", "composition_weight", "embeds_scaling", "image_combine", "negative_image",
-               "negative_noise", "embeds", "save_embeds", "no_crop")
+               "negative_noise", "black_negative", "embeds", "save_embeds", "no_crop")
 EMBEDS_FORMAT = "ipadapter_min.image_embeds"
 
 

@@ -159,7 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the negative side of the image prompt (one, or one per --image) instead of the "
                          "reference's default: a zero embedding, or for plus/full-face adapters the encoder's "
                          "features of an all-zero normalised image (diffusers', the default here; ComfyUI encodes "
-                         "a black image instead: give a black --negative-image for that)")
+                         "a black image instead: --black-negative)")
+    ip.add_argument("--black-negative", action="store_true",
+                    help="ComfyUI's default negative for plus and full-face adapters: the encoder's features of a "
+                         "black image (the default here is diffusers': of an all-zero normalised image)")
     ip.add_argument("--negative-noise", metavar="KIND[:STRENGTH]",
                     help="a noise image as the negative (ComfyUI's IPAdapterNoise: fade, dissolve, gaussian or "
                          "shuffle, made from the first --image; strength default 1.0)")
@@ -258,6 +261,7 @@ def validate_image_prompt(group: argparse.Namespace, width: int, height: int) ->
                                         ("--weight-type", group.weight_type), ("--embeds", group.embeds),
                                         ("--negative-image", group.negative_image),
                                         ("--negative-noise", group.negative_noise),
+                                        ("--black-negative", group.black_negative),
                                         ("--save-embeds", group.save_embeds))
                if value not in (None, False)]
     if not group.ip_adapter:
@@ -432,6 +436,9 @@ def image_prompts(groups: list[argparse.Namespace], adapters, encoders) -> list[
     for group, adapter, encoder in zip(groups, adapters, encoders):
         images = [open_image(p) for p in group.image or []]
         negatives = [open_image(p, "--negative-image") for p in group.negative_image or []] or None
+        if group.black_negative and adapter.spec.uses_hidden_states:  # ComfyUI zeroes base adapters' embedding too
+            size = encoder.config.image_size if encoder is not None else 224
+            negatives = [Image.new("RGB", (size, size))]
         if getattr(group, "noise", None):
             size = encoder.config.image_size if encoder is not None else 224
             negatives = [negative_noise(*group.noise, image=images[0] if images else None, size=size)]

@@ -206,3 +206,16 @@ def test_bad_image_prompt_groups_are_refused_in_one_line(world, trained, tmp_pat
         code = exit.code
     err = capsys.readouterr().err
     assert code == 2 and message in err and err.count("\n") == 1, err
+
+
+def test_negative_images_and_noise_change_the_negative_side(world, trained, tmp_path):
+    """A --negative-image or --negative-noise replaces the default negative (a zero embedding for
+    this base adapter) and changes the image; --black-negative leaves a base adapter's as ComfyUI does."""
+    common = ["--ip-adapter", str(trained / "ip-adapter.bin"), "--image-encoder", str(world["encoder"]), "--image",
+              str(world["image"]), "--scale", "0.8"]
+    default = generate(world, tmp_path / "default.png", *common)
+    negative = generate(world, tmp_path / "neg.png", *common, "--negative-image", str(world["folder"] / "1.png"))
+    noise = generate(world, tmp_path / "noise.png", *common, "--negative-noise", "dissolve:0.6")
+    black = generate(world, tmp_path / "black.png", *common, "--black-negative")
+    assert np.abs(default.astype(int) - negative).max() > 2 and np.abs(default.astype(int) - noise).max() > 2
+    assert np.array_equal(black, default)

@@ -226,6 +226,31 @@ def check_inputs(q, k_text, v_text, k_image, v_image) -> None:
         raise ValueError("the kernel needs at least one text and one image token")
 
 
+def _output_like(q: torch.Tensor) -> torch.Tensor:
+    """O with q's memory layout: for q = x.view(B, L, H, d).transpose(1, 2) the result is
+    (B, L, H·d)-contiguous underneath, so the caller's reshape back is free."""
+    out = torch.empty_like(q)
+    return out if out.stride(3) == 1 else torch.empty(q.shape, dtype=q.dtype, device=q.device)
+
+
+def _row_strides(*tensors: torch.Tensor) -> tuple[int, ...]:
+    """The batch, head and row strides of each tensor, in the kernels' argument order."""
+    return tuple(s for t in tensors for s in t.stride()[:3])
+
+
+def _launch(kernel, grid, q: torch.Tensor, args: tuple, kwargs: dict) -> None:
+    if q.is_cuda:
+        with torch.cuda.device(q.device):
+            kernel[grid](*args, **kwargs)
+    else:
+        kernel[grid](*args, **kwargs)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs get full-precision dots (SDPA's fp32 accuracy), not tf32."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
 def decoupled_attention_triton(q, k_text, v_text, k_image, v_image, scale=1.0,
                                config: KernelConfig | None = None) -> torch.Tensor:
     """Launch the fused kernel. Any device Triton can run on (CUDA, or CPU tensors under
@@ -236,11 +261,7 @@ def decoupled_attention_triton(q, k_text, v_text, k_image, v_image, scale=1.0,
     Lt, Li = k_text.shape[2], k_image.shape[2]
     cfg = config or default_config(D, Lt, Li, q.dtype)
 
-    # Same memory layout as q: for q = x.view(B, L, H, d).transpose(1, 2) the result is
-    # (B, L, H·d)-contiguous underneath.
-    out = torch.empty_like(q)
-    if out.stride(3) != 1:
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    out = _output_like(q)
     if Lq == 0 or B * H == 0:
         return out
 
@@ -256,30 +277,14 @@ def decoupled_attention_triton(q, k_text, v_text, k_image, v_image, scale=1.0,
     tensors = (q, k_text, v_text, k_image, v_image, out)
     align = _alignment(tensors, q.element_size())
     grid = (triton.cdiv(Lq, cfg.block_m) * B * H,)
-    launch = _decoupled_attention_kernel[grid]
-    args = (
-        q, k_text, v_text, k_image, v_image, out, lam,
-        q.stride(0), q.stride(1), q.stride(2),
-        k_text.stride(0), k_text.stride(1), k_text.stride(2),
-        v_text.stride(0), v_text.stride(1), v_text.stride(2),
-        k_image.stride(0), k_image.stride(1), k_image.stride(2),
-        v_image.stride(0), v_image.stride(1), v_image.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        H, Lq, Lt, Li, _LOG2E / math.sqrt(D),
-    )
+    args = (*tensors, lam, *_row_strides(*tensors), H, Lq, Lt, Li, _LOG2E / math.sqrt(D))
     kwargs = dict(
         HEAD_DIM=D, BLOCK_D=_pow2_at_least_16(D), BLOCK_M=cfg.block_m,
         BLOCK_NT=cfg.block_n_text, BLOCK_NI=cfg.block_n_image, ALIGN=align,
-        LAM_IS_PTR=lam_is_ptr,
-        # fp32 inputs get full-precision dots (SDPA's fp32 accuracy), not tf32.
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        LAM_IS_PTR=lam_is_ptr, DOT_PRECISION=_dot_precision(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    if q.is_cuda:
-        with torch.cuda.device(q.device):
-            launch(*args, **kwargs)
-    else:
-        launch(*args, **kwargs)
+    _launch(_decoupled_attention_kernel, grid, q, args, kwargs)
     return out
 
 
@@ -357,27 +362,15 @@ def decoupled_attention_branches_triton(q, k_text, v_text, branches, config: Ker
     masks = torch.stack([torch.ones(Lq, device=q.device) if m is None else m.reshape(Lq).float().to(q.device)
                          for _, _, _, m in branches]).contiguous()
     cfg = config or default_config(D, k_text.shape[2], max(lengths), q.dtype)
-    out = torch.empty_like(q)
-    if out.stride(3) != 1:
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    out = _output_like(q)
     if Lq == 0 or B * H == 0:
         return out
     grid = (triton.cdiv(Lq, cfg.block_m) * B * H,)
-    launch = _decoupled_attention_branches_kernel[grid]
     args = (q, k_text, v_text, k_image, v_image, out, lams, starts, masks,
-            q.stride(0), q.stride(1), q.stride(2),
-            k_text.stride(0), k_text.stride(1), k_text.stride(2),
-            v_text.stride(0), v_text.stride(1), v_text.stride(2),
-            k_image.stride(0), k_image.stride(1), k_image.stride(2),
-            v_image.stride(0), v_image.stride(1), v_image.stride(2),
-            out.stride(0), out.stride(1), out.stride(2),
+            *_row_strides(q, k_text, v_text, k_image, v_image, out),
             H, Lq, k_text.shape[2], len(branches), _LOG2E / math.sqrt(D))
     kwargs = dict(HEAD_DIM=D, BLOCK_D=_pow2_at_least_16(D), BLOCK_M=cfg.block_m, BLOCK_NT=cfg.block_n_text,
-                  BLOCK_NI=cfg.block_n_image, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+                  BLOCK_NI=cfg.block_n_image, DOT_PRECISION=_dot_precision(q.dtype),
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if q.is_cuda:
-        with torch.cuda.device(q.device):
-            launch(*args, **kwargs)
-    else:
-        launch(*args, **kwargs)
+    _launch(_decoupled_attention_branches_kernel, grid, q, args, kwargs)
     return out

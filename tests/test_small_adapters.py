@@ -219,3 +219,24 @@ def test_negative_images_and_noise_change_the_negative_side(world, trained, tmp_
     black = generate(world, tmp_path / "black.png", *common, "--black-negative")
     assert np.abs(default.astype(int) - negative).max() > 2 and np.abs(default.astype(int) - noise).max() > 2
     assert np.array_equal(black, default)
+
+
+def test_adapters_for_different_encoders_work_together(world, trained, tmp_path):
+    """Each group brings its own encoder (here 128- and 96-wide embeddings, as ViT-H's and
+    ViT-bigG's differ): what diffusers cannot do without precomputed embeddings."""
+    other_encoder = save_encoder(ImageEncoderConfig(width=96, layers=2, heads=4, mlp_width=192, patch_size=8,
+                                                    image_size=64, proj_dim=96), tmp_path / "encoder96.safetensors")
+    other = tmp_path / "run96"
+    assert train.main(["--model", str(world["model"]), "--image-encoder", str(other_encoder), "--data",
+                       str(world["data"]), "--resolution", "64", "--steps", "1", "--batch-size", "2", "--seed", "4",
+                       "--no-progress", "--out", str(other)]) == 0
+    first = ["--ip-adapter", str(trained / "ip-adapter.bin"), "--image-encoder", str(world["encoder"]), "--image",
+             str(world["image"]), "--scale", "0.6"]
+    second = ["--ip-adapter", str(other / "ip-adapter.bin"), "--image-encoder", str(other_encoder), "--image",
+              str(world["folder"] / "1.png"), "--scale", "0.6"]
+    both = generate(world, tmp_path / "both.png", *first, *second)
+    alone = generate(world, tmp_path / "alone.png", *first)
+    assert np.abs(both.astype(int) - alone).max() > 2
+    swapped = ["--ip-adapter", str(other / "ip-adapter.bin"), "--image-encoder", str(world["encoder"]), "--image",
+               str(world["image"])]
+    assert sample.main(["--model", str(world["model"]), "--out", str(tmp_path / "x.png"), *first, *swapped]) == 2

@@ -20,7 +20,7 @@ from torch import nn
 
 from .cfg import CFGBatch
 from .configs import ControlNetConfig
-from .image_processing import size_of, unit_pixels
+from .image_processing import require_output_size, unit_pixels
 from .step_ranges import in_step_range
 from .unet import DownPath, Residuals, StridedConv2d
 
@@ -76,10 +76,7 @@ class ControlNetInput:
     guess_mode: bool = False
 
     def check(self, width: int, height: int) -> None:
-        if size_of(self.image) != (width, height):
-            w, h = self.image.size
-            raise ValueError(f"the control image is {w}×{h}, the output {width}×{height}: give a control image of "
-                             f"the output size")
+        require_output_size(self.image, width, height, "the control image")
         if not 0 <= self.start < self.end <= 1:
             raise ValueError(f"control start and end must satisfy 0 ≤ start < end ≤ 1, got {self.start} and {self.end}")
 

@@ -20,6 +20,14 @@ def size_of(image: Image.Image, width: int | None = None, height: int | None = N
     return width - width % 8, height - height % 8
 
 
+def require_output_size(image: Image.Image, width: int, height: int, what: str) -> None:
+    """A control image must already be the output's size (rounded down to 8): resizing it would
+    move the structure it carries. ``what`` names it in the one-line error."""
+    if size_of(image) != (width, height):
+        raise ValueError(f"{what} is {image.width}×{image.height}, the output {width}×{height}: give a control image "
+                         "of the output size")
+
+
 def resize(image: Image.Image, width: int, height: int, mode: str = "stretch") -> Image.Image:
     """To exactly width × height: ``stretch`` (any aspect), ``fill`` (keep the aspect, centre,
     extend the edges into the bands left over) or ``crop`` (keep the aspect, centre, cut off what

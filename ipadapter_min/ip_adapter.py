@@ -181,7 +181,8 @@ class ImagePromptAttention:
             raise ValueError(f"start and end must satisfy 0 ≤ start < end ≤ 1, got {start} and {end}")
         if step_range not in STEP_RANGES:
             raise ValueError(f"step_range must be one of {STEP_RANGES}, got {step_range!r}")
-        scale_image_kv(embeds_scaling, positive[:0], positive[:0], 1.0, 1)  # an unknown mode fails now
+        if embeds_scaling not in EMBEDS_SCALING:
+            raise ValueError(f"unknown embeds scaling {embeds_scaling!r}; expected one of: {', '.join(EMBEDS_SCALING)}")
         self.layers = layers
         # projected together; per_row picks [1] for cond rows, [0] for uncond ones
         self.tokens = positive if self.per_row_tokens else torch.cat([negative, positive])

@@ -24,7 +24,7 @@ from .controlnet import ControlNetInput
 from .ddim import DDIM
 from .editing import IMG2IMG_STRENGTH, INPAINT_STRENGTH
 from .formats.files import message, write_atomically
-from .image_processing import size_of
+from .image_processing import require_output_size, size_of
 from .ip_layers import expand_scale
 from .image_prompt_args import read_image_embeds, save_image_embeds
 from .ip_adapter import COMBINE, EMBEDS_SCALING
@@ -229,9 +229,7 @@ def validate(args: argparse.Namespace, groups: list[argparse.Namespace] | None =
     args.width, args.height = args.width or default_width, args.height or default_height
     check_size(args.width, args.height)
     for flag, path, image in controls:
-        if size_of(image) != (args.width, args.height):
-            raise ValueError(f"{flag} {path} is {image.width}×{image.height}, the output "
-                             f"{args.width}×{args.height}: give a control image of the output size")
+        require_output_size(image, args.width, args.height, f"{flag} {path}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: no CUDA device is available here (use --device cpu)")
     if not 1 <= args.steps <= DDIM().max_steps:
@@ -283,7 +281,7 @@ def validate_image_prompt(group: argparse.Namespace, width: int, height: int) ->
                        ("--embeds", group.embeds)):
         if path is not None and not path.exists():
             raise ValueError(f"{flag} {path}: no such file or folder")
-    for flag in ("image", "image_mask", "negative_image"):
+    for flag in ("image", "negative_image"):
         for path in getattr(group, flag) or []:
             open_image(path, "--" + flag.replace("_", "-"))
     if group.image_mask:

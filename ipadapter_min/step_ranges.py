@@ -30,7 +30,8 @@ def _sigmas() -> torch.Tensor:
     return ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
 
 
-SIGMAS, LOG_SIGMAS = _sigmas().float(), _sigmas().log().float()
+_SIGMAS64 = _sigmas()
+SIGMAS, LOG_SIGMAS = _SIGMAS64.float(), _SIGMAS64.log().float()
 
 
 def sigma_at(timestep: int) -> float:

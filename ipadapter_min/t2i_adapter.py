@@ -22,7 +22,7 @@ from torch import nn
 
 from .cfg import CFGBatch
 from .configs import T2IAdapterConfig
-from .image_processing import size_of, unit_pixels
+from .image_processing import require_output_size, unit_pixels
 from .unet import Residuals
 
 
@@ -92,10 +92,7 @@ class T2IAdapterInput:
     scale: float = 1.0
 
     def guide(self, width: int, height: int, device: torch.device, dtype: torch.dtype) -> "T2IAdapterGuide":
-        if size_of(self.image) != (width, height):
-            w, h = self.image.size
-            raise ValueError(f"the adapter image is {w}×{h}, the output {width}×{height}: give an adapter image of "
-                             "the output size")
+        require_output_size(self.image, width, height, "the adapter image")
         pixels = unit_pixels(self.image, width, height, grayscale=self.model.cfg.in_channels == 1).to(device, dtype)
         with torch.no_grad():
             features = [f * self.scale for f in self.model(pixels)]

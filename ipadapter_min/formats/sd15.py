@@ -56,7 +56,8 @@ def unet_table(cfg: UNetConfig) -> list[tuple[str, str]]:
         for j in range(n):
             block = 1 + i * (n + 1) + j
             table += resnet_pairs(f"down_blocks.{i}.resnets.{j}", f"input_blocks.{block}.0")
-            table.append((f"down_blocks.{i}.attentions.{j}.", f"input_blocks.{block}.1."))
+            if i in cfg.attention_levels:
+                table.append((f"down_blocks.{i}.attentions.{j}.", f"input_blocks.{block}.1."))
         table.append((f"down_blocks.{i}.downsamplers.0.conv.", f"input_blocks.{(i + 1) * (n + 1)}.0.op."))
     for j in range(2):
         table += resnet_pairs(f"mid_block.resnets.{j}", f"middle_block.{2 * j}")
@@ -66,7 +67,8 @@ def unet_table(cfg: UNetConfig) -> list[tuple[str, str]]:
         for j in range(n + 1):
             block = i * (n + 1) + j
             table += resnet_pairs(f"up_blocks.{i}.resnets.{j}", f"output_blocks.{block}.0")
-            table.append((f"up_blocks.{i}.attentions.{j}.", f"output_blocks.{block}.1."))
+            if has_attention:  # else output_blocks.<block>.1 is the upsampler
+                table.append((f"up_blocks.{i}.attentions.{j}.", f"output_blocks.{block}.1."))
         table.append((f"up_blocks.{i}.upsamplers.0.", f"output_blocks.{i * (n + 1) + n}.{2 if has_attention else 1}."))
     return table
 
@@ -292,11 +294,15 @@ def read_sd15(path: str | Path) -> tuple[Checkpoint, dict[str, object]]:
             tensors, configs, origin = read_converted(path, metadata)
         else:
             tensors, configs, origin = read_single_file(path)
-    # diffusers (and some single-file exports) store the VAE attention projections as linears;
-    # the original model, and ours, use 1×1 convolutions.
-    for key in [k for k in tensors if k.startswith("vae.") and ".mid.attn_1." in k and tensors[k].dim() == 2]:
-        tensors[key] = tensors[key][:, :, None, None]
+    vae_attention_as_convolutions(tensors, "vae.")
     return Checkpoint(tensors, str(path), origin), configs
+
+
+def vae_attention_as_convolutions(tensors: dict[str, torch.Tensor], prefix: str) -> None:
+    """diffusers (and some single-file exports) store the VAE attention projections as linears;
+    the original model, and ours, use 1×1 convolutions."""
+    for key in [k for k in tensors if k.startswith(prefix) and ".mid.attn_1." in k and tensors[k].dim() == 2]:
+        tensors[key] = tensors[key][:, :, None, None]
 
 
 def sd15_metadata(configs: dict[str, object]) -> dict[str, str]:

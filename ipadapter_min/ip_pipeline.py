@@ -47,10 +47,12 @@ class IPAdapterPipeline:
 
     @classmethod
     def from_files(cls, model: str | Path, ip_adapter: str | Path, image_encoder: str | Path,
-                   device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> "IPAdapterPipeline":
-        """SD1.5 weights (any format ``StableDiffusion.from_file`` takes), an official or converted
-        IP-Adapter file, and an image-encoder folder or converted file."""
-        sd, (adapter,), (encoder,) = load_image_prompt_models(model, [ip_adapter], [image_encoder], device, dtype)
+                   device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                   loras: Sequence[tuple[str | Path, float]] = (), vae: str | Path | None = None) -> "IPAdapterPipeline":
+        """SD1.5 weights (any format ``StableDiffusion.from_file`` takes, with its ``loras`` and
+        ``vae``), an official or converted IP-Adapter file, and an image-encoder folder or converted file."""
+        sd, (adapter,), (encoder,) = load_image_prompt_models(model, [ip_adapter], [image_encoder], device, dtype,
+                                                              loras, vae)
         return cls(sd, adapter, encoder)
 
     @torch.no_grad()
@@ -80,11 +82,13 @@ class IPAdapterPipeline:
 
 def load_image_prompt_models(model: str | Path, ip_adapters: Sequence[str | Path],
                              image_encoders: Sequence[str | Path | None], device: str | torch.device = "cpu",
-                             dtype: torch.dtype = torch.float32
+                             dtype: torch.dtype = torch.float32, loras: Sequence[tuple[str | Path, float]] = (),
+                             vae: str | Path | None = None
                              ) -> tuple[StableDiffusion, list[IPAdapter], list[ImageEncoder | None]]:
-    """SD1.5, and one IP-Adapter per file with its image encoder (None where precomputed features
-    stand in; an encoder given for several adapters is loaded once). Every adapter is checked
-    against its encoder and the UNet from the files' headers, before any weights are read."""
+    """SD1.5 (with ``loras`` and ``vae`` as ``loading.load_sd15`` takes them), and one IP-Adapter
+    per file with its image encoder (None where precomputed features stand in; an encoder given for
+    several adapters is loaded once). Every adapter is checked against its encoder and the UNet
+    from the files' headers, before any weights are read."""
     adapters, encoders = [read_ip_adapter(path) for path in ip_adapters], {}
     for path in image_encoders:
         if path is not None and str(path) not in encoders:
@@ -95,7 +99,7 @@ def load_image_prompt_models(model: str | Path, ip_adapters: Sequence[str | Path
     sd_file, sd_configs = read_sd15(model)  # its configs; the tensors stay mapped until built
     for (_, spec), adapter_path in zip(adapters, ip_adapters):
         check_context_width(spec, sd_configs["unet"].context_dim, f"{adapter_path} with {model}")
-    sd = StableDiffusion(**sd15_from_checkpoint(sd_file, sd_configs, device, dtype))
+    sd = StableDiffusion(**sd15_from_checkpoint(sd_file, sd_configs, device, dtype, loras, vae))
     loaded = [ip_adapter_from_checkpoint(checkpoint, spec, device, dtype, sd.unet.cross_attention_widths(),
                                          sd.unet.cfg.context_dim) for checkpoint, spec in adapters]
     built = {path: image_encoder_from_checkpoint(checkpoint, config, device, dtype)

@@ -1,5 +1,5 @@
-"""Text-to-image with Stable Diffusion 1.5: prompt → text tokens → DDIM loop with
-classifier-free guidance → VAE decode → RGB images.
+"""Text-to-image with Stable Diffusion 1.5: prompt → text tokens → denoising loop (a sampler from
+``samplers``: DDIM by default) with classifier-free guidance → VAE decode → RGB images.
 
 The loop takes an optional cross-attention hook, which is how an IP-Adapter (or anything
 else that changes cross-attention) joins in without this file knowing about it. The loop lays
@@ -18,10 +18,10 @@ from tqdm.auto import tqdm
 from .attention import CrossAttentionHook
 from .cfg import CFGBatch
 from .controlnet import ControlNetInput
-from .ddim import DDIM
 from .editing import IMG2IMG_STRENGTH, INPAINT_STRENGTH, Inpainting, first_step, img2img_latents, noise
 from .image_processing import binary_mask, crop_box, paste_back, size_of, vae_pixels
 from .loading import load_sd15
+from .samplers import Sampler, make_sampler
 from .t2i_adapter import T2IAdapterInput
 from .tokenizer import Tokenizer
 
@@ -45,10 +45,9 @@ def check_size(width: int, height: int) -> None:
 class StableDiffusion:
     """Load once, generate many."""
 
-    def __init__(self, unet, vae, text_encoder, tokenizer: Tokenizer | None = None, scheduler: DDIM | None = None):
+    def __init__(self, unet, vae, text_encoder, tokenizer: Tokenizer | None = None):
         self.unet, self.vae, self.text_encoder = unet, vae, text_encoder
         self.tokenizer = tokenizer or Tokenizer()
-        self.scheduler = scheduler or DDIM()
 
     @classmethod
     def from_file(cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
@@ -70,32 +69,35 @@ class StableDiffusion:
         return self.text_encoder(ids, clip_skip=clip_skip)
 
     @torch.no_grad()
-    def denoise(self, latents: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None, steps: int,
+    def denoise(self, latents: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None, sampler: Sampler,
                 guidance: float, hook: CrossAttentionHook | None = None, start: int = 0,
-                inpainting: Inpainting | None = None, guides: Sequence = (), progress: bool = True) -> torch.Tensor:
-        """The DDIM loop for the text embeddings of the prompt (``cond``) and of the negative prompt
-        (``uncond``, unused when guidance ≤ 1), one each; the hook gets the batch's row layout.
-        ``start``: how many of the ``steps`` timesteps to skip (img2img). ``guides``: structural
-        controls, each giving the UNet residuals at every step, which add up."""
+                inpainting: Inpainting | None = None, guides: Sequence = (), progress: bool = True,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+        """The sampler's loop (a fresh ``Sampler``, e.g. ``samplers.DDIM(steps)``) for the text
+        embeddings of the prompt (``cond``) and of the negative prompt (``uncond``, unused when
+        guidance ≤ 1), one each; the hook gets the batch's row layout. ``start``: how many of the
+        sampler's steps to skip (img2img). ``guides``: structural controls, each giving the UNet
+        residuals at every step, which add up. ``generator``: for samplers that add noise as they go."""
         batch = CFGBatch(latents.shape[0], guided=guidance > 1)
         context = batch.per_row(cond, uncond)
         if hook is not None:
             hook.rows = batch.rows
-        timesteps = self.scheduler.timesteps(steps)[start:]
-        for i, t in enumerate(tqdm(timesteps, desc="denoising", disable=not progress)):
-            x, t_ = batch.inputs(latents), torch.tensor(t, device=self.device)
+        runs = sampler.steps - start  # hooks and guides count the steps this run takes, as diffusers
+        for i in tqdm(range(start, sampler.steps), desc="denoising", disable=not progress):
+            t = sampler.timesteps[i]
+            x, t_ = sampler.scale_input(batch.inputs(latents), i), t.to(self.device)
             if hook is not None:
-                hook.set_step(i, len(timesteps), t)
+                hook.set_step(i - start, runs, t.item())
             residuals = None
             for guide in guides:
-                extra = guide.residuals(x, t_, context, batch, i, len(timesteps))
+                extra = guide.residuals(x, t_, context, batch, i - start, runs)
                 residuals = extra if residuals is None else residuals + extra
             if inpainting is not None:
                 x = inpainting.unet_input(x, batch)
             eps = self.unet(x, t_, context, hook, residuals)
-            latents = self.scheduler.step(batch.guide(eps, guidance), t, latents, steps)
+            latents = sampler.step(batch.guide(eps, guidance), i, latents, generator)
             if inpainting is not None:
-                latents = inpainting.keep_unmasked(latents, timesteps[i + 1] if i + 1 < len(timesteps) else None)
+                latents = inpainting.keep_unmasked(latents, i + 1 if i + 1 < sampler.steps else None)
         return latents
 
     @torch.no_grad()
@@ -103,8 +105,11 @@ class StableDiffusion:
                  width: int | None = None, height: int | None = None, num_images: int = 1, clip_skip: int = 0,
                  init_image: Image.Image | None = None, strength: float | None = None, mask: Image.Image | None = None,
                  mask_crop: int | None = None, controls: Sequence[ControlNetInput | T2IAdapterInput] = (),
-                 hook: CrossAttentionHook | None = None, progress: bool = True) -> list[Image.Image]:
+                 hook: CrossAttentionHook | None = None, sampler: str = "ddim", eta: float = 0.0,
+                 progress: bool = True) -> list[Image.Image]:
         """Generate ``num_images`` images; guidance ≤ 1 turns classifier-free guidance off.
+        ``sampler``: one of ``samplers.SAMPLERS`` (ddim, euler, euler-a, dpmpp-2m, dpmpp-2m-karras),
+        each giving diffusers' image with its scheduler of that name; ``eta``: DDIM's η.
 
         With ``init_image``, img2img: the picture noised by ``strength`` (default 0.8; 1 keeps
         little of it) is denoised. With a ``mask`` too (white = repaint), inpainting: only the
@@ -131,25 +136,25 @@ class StableDiffusion:
         cond = self.encode_prompt(prompt, clip_skip)
         # As in diffusers, clip_skip shapes the prompt's embedding only, not the negative prompt's.
         uncond = self.encode_prompt(negative_prompt) if guidance > 1 else None
+        sampling = make_sampler(sampler, steps, eta)
         generator = torch.Generator("cpu").manual_seed(seed)
         start, inpainting, box = 0, None, None
         if init_image is None:
-            latents = noise(generator, num_images, height, width)
+            latents = noise(generator, num_images, height, width) * sampling.init_noise_sigma
         else:
             strength = strength if strength is not None else INPAINT_STRENGTH if mask is not None else IMG2IMG_STRENGTH
             start = first_step(steps, strength)
-            t = self.scheduler.timesteps(steps)[start]
             box = crop_box(mask, width, height, mask_crop) if mask is not None and mask_crop is not None else None
             resize = "stretch" if box is None else "fill"
             pixels = vae_pixels(init_image, width, height, resize, box).to(self.device)
             if mask is None:
-                latents = img2img_latents(self.vae, self.scheduler, generator, pixels, num_images, t)
+                latents = img2img_latents(self.vae, sampling, generator, pixels, num_images, start)
             else:
                 repaint = binary_mask(mask, width, height, resize, box).to(self.device)
-                latents, inpainting = Inpainting.start(self.vae, self.scheduler, generator, pixels, repaint, num_images,
-                                                       t, strength, self.unet.cfg.in_channels)
-        latents = self.denoise(latents.to(self.device, self.dtype), cond, uncond, steps, guidance, hook, start,
-                               inpainting, guides, progress)
+                latents, inpainting = Inpainting.start(self.vae, sampling, generator, pixels, repaint, num_images,
+                                                       start, strength, self.unet.cfg.in_channels)
+        latents = self.denoise(latents.to(self.device, self.dtype), cond, uncond, sampling, guidance, hook, start,
+                               inpainting, guides, progress, generator)
         images = to_images(self.vae.decode(latents))
         if box is not None:
             images = [paste_back(image, init_image, mask, box) for image in images]

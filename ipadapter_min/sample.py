@@ -21,7 +21,6 @@ from kernels import decoupled_attention, decoupled_attention_reference
 
 from . import demo, image_prompt_args
 from .controlnet import ControlNetInput
-from .ddim import DDIM
 from .editing import IMG2IMG_STRENGTH, INPAINT_STRENGTH
 from .formats.files import message, write_atomically
 from .image_processing import require_output_size, size_of
@@ -33,6 +32,7 @@ from .negative_noise import KINDS as NOISE_KINDS, negative_noise
 from .weight_types import WEIGHT_TYPES, weight_type
 from .loading import load_controlnet, load_t2i_adapter
 from .pipeline import DEFAULT_SIZE, StableDiffusion, check_size
+from .samplers import DESCRIPTIONS as SAMPLER_DESCRIPTIONS, SAMPLERS, make_sampler, max_steps
 from .t2i_adapter import T2IAdapterInput
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -41,8 +41,9 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m ipadapter_min.sample",
-        description="Generate images with Stable Diffusion 1.5 (DDIM, classifier-free guidance). "
-                    "The same seed gives the same image as diffusers' StableDiffusionPipeline with DDIMScheduler.",
+        description="Generate images with Stable Diffusion 1.5 (classifier-free guidance; DDIM or another "
+                    "--sampler). The same seed gives the same image as diffusers' StableDiffusionPipeline with "
+                    "the scheduler of that name.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", type=Path,
                    help="SD1.5 weights: a file made by `python -m weights_convert sd15`, an original single-file "
@@ -51,7 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "README), with its own IP-Adapter and image encoder for --image")
     p.add_argument("--prompt", default="", help="what the image should show")
     p.add_argument("--negative-prompt", default="", help="what the image should not show (used by guidance)")
-    p.add_argument("--steps", type=int, default=30, help="DDIM steps")
+    p.add_argument("--steps", type=int, default=30, help="denoising steps")
+    p.add_argument("--sampler", choices=list(SAMPLERS), default="ddim",
+                   help="how the steps are taken, each as diffusers' scheduler of that name built from SD1.5's "
+                        "scheduler config: " + "; ".join(f"{name}: {text}"
+                                                          for name, text in SAMPLER_DESCRIPTIONS.items()))
+    p.add_argument("--eta", type=float,
+                   help="DDIM's η in [0, 1]: the share of fresh noise added at each step (0, the default, is "
+                        "deterministic; 1 is like DDPM). --sampler ddim only")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale; ≤ 1 turns it off")
     p.add_argument("--seed", type=int, default=0, help="seed of the starting noise (drawn on the CPU, as diffusers does)")
     p.add_argument("--width", type=int, help="image width, a multiple of 8 (default 512; the demo model's 64)")
@@ -232,8 +240,7 @@ def validate(args: argparse.Namespace, groups: list[argparse.Namespace] | None =
         require_output_size(image, args.width, args.height, f"{flag} {path}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: no CUDA device is available here (use --device cpu)")
-    if not 1 <= args.steps <= DDIM().max_steps:
-        raise ValueError(f"--steps must be in [1, {DDIM().max_steps}], got {args.steps}")
+    validate_sampler(args)
     if args.num_images < 1:
         raise ValueError(f"--num-images must be at least 1, got {args.num_images}")
     for group in groups:
@@ -248,6 +255,16 @@ def validate(args: argparse.Namespace, groups: list[argparse.Namespace] | None =
     if existing and not args.force:
         raise ValueError(f"{existing[0]} already exists (pass --force to overwrite it)")
     return paths
+
+
+def validate_sampler(args: argparse.Namespace) -> None:
+    if args.eta is not None and args.sampler != "ddim":
+        raise ValueError(f"--eta applies to --sampler ddim only, not to {args.sampler}")
+    if args.eta is not None and not 0 <= args.eta <= 1:
+        raise ValueError(f"--eta must be in [0, 1], got {args.eta}")
+    if not 1 <= args.steps <= max_steps(args.sampler):
+        raise ValueError(f"--steps must be in [1, {max_steps(args.sampler)}] for --sampler {args.sampler}, got "
+                         f"{args.steps}")
 
 
 def validate_image_prompt(group: argparse.Namespace, width: int, height: int) -> None:
@@ -381,8 +398,11 @@ def generation_parameters(args: argparse.Namespace, groups: list[argparse.Namesp
     """Written into the PNG so that an image says how it was made."""
     fields = {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "steps": args.steps,
               "guidance": args.guidance, "seed": args.seed, "image_index": index, "width": size[0],
-              "height": size[1], "clip_skip": args.clip_skip, "sampler": "DDIM", "model": args.model.name,
+              "height": size[1], "clip_skip": args.clip_skip,
+              "sampler": make_sampler(args.sampler, args.steps, args.eta or 0.0).label, "model": args.model.name,
               "dtype": args.dtype}
+    if args.eta:
+        fields["eta"] = args.eta
     if args.init_image:
         fields.update({"init_image": args.init_image.name, "strength": args.strength})
     if args.mask:
@@ -461,7 +481,8 @@ def main(argv: list[str] | None = None) -> int:
                           height=args.height, num_images=args.num_images, clip_skip=args.clip_skip,
                           init_image=args.init_image and open_image(args.init_image, "--init-image"),
                           strength=args.strength, mask=args.mask and open_image(args.mask, "--mask"),
-                          mask_crop=args.mask_crop, progress=not args.no_progress)
+                          mask_crop=args.mask_crop, sampler=args.sampler, eta=args.eta or 0.0,
+                          progress=not args.no_progress)
         device, dtype = args.device, DTYPES[args.dtype]
         generation["controls"] = [
             ControlNetInput(load_controlnet(net, device, dtype), open_image(image, "--control-image"), scale, start, end,

@@ -29,6 +29,8 @@ setup(
             "pytest==9.2.0",
             "hypothesis==6.170.15",
             "diffusers==0.42.1",
+            "peft==0.21.2",  # diffusers' load_lora_weights, the LoRA tests' reference; it brings accelerate
+            "accelerate==1.15.0",  # which changes how diffusers loads: reference_models.from_folder
             "transformers==5.23.0",
             "tokenizers==0.23.3",
             "huggingface_hub==2.4.0",

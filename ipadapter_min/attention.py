@@ -19,9 +19,10 @@ class CrossAttentionHook(Protocol):
     # sets it before calling the UNet (the pipeline does in ``StableDiffusion.denoise``).
     rows: tuple[bool, ...] | None
 
-    def set_step(self, step: int, steps: int, timestep: int) -> None:
+    def set_step(self, step: int, steps: int, timestep: float) -> None:
         """Called by the denoising loop before each step (0-based ``step`` of ``steps``, at
-        ``timestep``), for hooks that act in part of the run only."""
+        ``timestep``: a whole number, or fractional with the Euler samplers), for hooks that act in
+        part of the run only."""
         ...
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

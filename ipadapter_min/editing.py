@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .cfg import CFGBatch
-from .ddim import DDIM
+from .samplers import Sampler
 from .vae import VAE
 
 IMG2IMG_STRENGTH, INPAINT_STRENGTH = 0.8, 1.0  # diffusers' defaults
@@ -39,12 +39,12 @@ def noise(generator: torch.Generator, count: int, height: int, width: int) -> to
     return torch.randn((count, 4, height // 8, width // 8), generator=generator, dtype=torch.float32)
 
 
-def img2img_latents(vae: VAE, scheduler: DDIM, generator: torch.Generator, pixels: torch.Tensor, count: int,
-                    t: int) -> torch.Tensor:
-    """The picture's latents, noised to timestep ``t``, one copy per image."""
+def img2img_latents(vae: VAE, sampler: Sampler, generator: torch.Generator, pixels: torch.Tensor, count: int,
+                    start: int) -> torch.Tensor:
+    """The picture's latents, noised to the level of the sampler's step ``start``, one copy per image."""
     clean = vae.sample(pixels, generator).repeat(count, 1, 1, 1)
     eps = noise(generator, count, pixels.shape[-2], pixels.shape[-1]).to(clean.device, clean.dtype)
-    return scheduler.add_noise(clean, eps, t)
+    return sampler.add_noise(clean, eps, start)
 
 
 class Inpainting:
@@ -52,16 +52,16 @@ class Inpainting:
     UNet) or the step-by-step restoring of the unmasked region (a regular one)."""
 
     def __init__(self, mask: torch.Tensor, masked_latents: torch.Tensor, image_latents: torch.Tensor | None,
-                 noise: torch.Tensor, inpainting_unet: bool, scheduler: DDIM):
+                 noise: torch.Tensor, inpainting_unet: bool, sampler: Sampler):
         self.mask, self.masked_latents, self.image_latents, self.noise = mask, masked_latents, image_latents, noise
-        self.inpainting_unet, self.scheduler = inpainting_unet, scheduler
+        self.inpainting_unet, self.sampler = inpainting_unet, sampler
 
     @classmethod
-    def start(cls, vae: VAE, scheduler: DDIM, generator: torch.Generator, pixels: torch.Tensor, mask: torch.Tensor,
-              count: int, t: int, strength: float, unet_in_channels: int) -> tuple[torch.Tensor, "Inpainting"]:
+    def start(cls, vae: VAE, sampler: Sampler, generator: torch.Generator, pixels: torch.Tensor, mask: torch.Tensor,
+              count: int, start: int, strength: float, unet_in_channels: int) -> tuple[torch.Tensor, "Inpainting"]:
         """(starting latents, Inpainting) for ``count`` images of the picture ``pixels`` ([-1, 1])
         repainted where ``mask`` (1 = repaint, at pixel size) is 1. At strength 1 the start is pure
-        noise; below, the picture noised to ``t``."""
+        noise (× the sampler's starting scale); below, the picture noised to the level of step ``start``."""
         if unet_in_channels not in (4, 9):
             raise ValueError(f"inpainting needs a UNet of 4 or 9 input channels, this one has {unet_in_channels}")
         inpainting_unet = unet_in_channels == 9
@@ -70,11 +70,11 @@ class Inpainting:
         if not inpainting_unet or strength < 1:
             image_latents = vae.sample(pixels.to(dtype), generator).repeat(count, 1, 1, 1)
         eps = noise(generator, count, pixels.shape[-2], pixels.shape[-1]).to(pixels.device, dtype)
-        latents = eps if strength == 1 else scheduler.add_noise(image_latents, eps, t)
+        latents = eps * sampler.init_noise_sigma if strength == 1 else sampler.add_noise(image_latents, eps, start)
         masked_picture = pixels * (mask < 0.5)
         masked_latents = vae.sample(masked_picture.to(dtype), generator).repeat(count, 1, 1, 1)
         latent_mask = F.interpolate(mask, size=eps.shape[-2:]).to(dtype).repeat(count, 1, 1, 1)  # nearest
-        return latents, cls(latent_mask, masked_latents, image_latents, eps, inpainting_unet, scheduler)
+        return latents, cls(latent_mask, masked_latents, image_latents, eps, inpainting_unet, sampler)
 
     def unet_input(self, x: torch.Tensor, batch: CFGBatch) -> torch.Tensor:
         """An inpainting UNet's input: [latents, mask, masked picture's latents] in channels."""
@@ -82,10 +82,11 @@ class Inpainting:
             return x
         return torch.cat([x, batch.inputs(self.mask), batch.inputs(self.masked_latents)], dim=1)
 
-    def keep_unmasked(self, latents: torch.Tensor, next_t: int | None) -> torch.Tensor:
-        """After a step of a regular UNet: the picture's latents, noised to the next timestep
-        (clean after the last step), outside the mask."""
+    def keep_unmasked(self, latents: torch.Tensor, next_step: int | None) -> torch.Tensor:
+        """After a step of a regular UNet: the picture's latents, noised to the level of the next
+        step (clean after the last step), outside the mask."""
         if self.inpainting_unet:
             return latents
-        picture = self.image_latents if next_t is None else self.scheduler.add_noise(self.image_latents, self.noise, next_t)
+        picture = (self.image_latents if next_step is None
+                   else self.sampler.add_noise(self.image_latents, self.noise, next_step))
         return (1 - self.mask) * picture + self.mask * latents

@@ -26,7 +26,7 @@ from PIL import Image, ImageDraw, ImageOps
 from tqdm.auto import tqdm
 
 from .clip_score import CLIPScorer, model_config
-from .ddim import DDIM
+from .samplers import DDIM
 from .distributed import Processes
 from .formats.files import message, write_atomically
 from .ip_layers import expand_scale
@@ -116,8 +116,8 @@ def validate(args: argparse.Namespace) -> list[Pair]:
         raise ValueError(f"--num-images must be at least 1, got {args.num_images}")
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be at least 1, got {args.limit}")
-    if not 1 <= args.steps <= DDIM().max_steps:
-        raise ValueError(f"--steps must be in [1, {DDIM().max_steps}], got {args.steps}")
+    if not 1 <= args.steps <= DDIM.max_steps:
+        raise ValueError(f"--steps must be in [1, {DDIM.max_steps}], got {args.steps}")
     if args.seed < 0:
         raise ValueError(f"--seed must be non-negative, got {args.seed}")
     check_size(args.resolution, args.resolution)

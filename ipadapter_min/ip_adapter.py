@@ -209,8 +209,9 @@ class ImagePromptAttention:
         """Change λ (same forms as :func:`expand_scale`); the cached image K/V stay valid."""
         self.scales = expand_scale(scale, strict=strict)
 
-    def set_step(self, step: int, steps: int, timestep: int) -> None:
-        """Where the denoising loop is: step ``step`` (0-based) of ``steps``, at ``timestep``."""
+    def set_step(self, step: int, steps: int, timestep: float) -> None:
+        """Where the denoising loop is: step ``step`` (0-based) of ``steps``, at ``timestep``
+        (fractional with the Euler samplers)."""
         if self.step_range == "steps":
             self.active = in_step_range(step, steps, self.start, self.end)
         else:
@@ -323,7 +324,7 @@ class ImagePrompts:
         for hook in self.hooks:
             hook.rows = rows
 
-    def set_step(self, step: int, steps: int, timestep: int) -> None:
+    def set_step(self, step: int, steps: int, timestep: float) -> None:
         for hook in self.hooks:
             hook.set_step(step, steps, timestep)
 

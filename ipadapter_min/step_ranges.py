@@ -8,7 +8,8 @@ Two ways to say it, after the two references:
 * ComfyUI (IPAdapter's ``start_at``/``end_at``): by noise level. Each fraction becomes a σ
   (``percent_to_sigma``: the σ at timestep (1 − fraction)·999 of SD1.5's schedule, interpolated
   in log σ), and a step acts while σ_end ≤ σ(t) ≤ σ_start. With DDIM the two differ a little,
-  since its timesteps are not spread evenly in σ.
+  since its timesteps are not spread evenly in σ. A fractional timestep (the Euler samplers')
+  gets its σ the same way, interpolated in log σ (ComfyUI's ``ModelSamplingDiscrete.sigma``).
 """
 from __future__ import annotations
 
@@ -34,8 +35,16 @@ _SIGMAS64 = _sigmas()
 SIGMAS, LOG_SIGMAS = _SIGMAS64.float(), _SIGMAS64.log().float()
 
 
-def sigma_at(timestep: int) -> float:
-    return SIGMAS[timestep].item()
+def interpolated_sigma(timestep: float) -> float:
+    """ComfyUI's σ(t) at a fractional timestep (float32): linear in log σ between the neighbours."""
+    t = torch.tensor(timestep).clamp(0, TRAIN_STEPS - 1)
+    low, high, w = t.floor().long(), t.ceil().long(), t.frac()
+    return ((1 - w) * LOG_SIGMAS[low] + w * LOG_SIGMAS[high]).exp().item()
+
+
+def sigma_at(timestep: float) -> float:
+    """σ at a timestep: the table's at a whole one, else interpolated."""
+    return SIGMAS[int(timestep)].item() if float(timestep).is_integer() else interpolated_sigma(timestep)
 
 
 def percent_to_sigma(fraction: float) -> float:
@@ -44,11 +53,9 @@ def percent_to_sigma(fraction: float) -> float:
         return 999999999.9
     if fraction >= 1:
         return 0.0
-    t = torch.tensor((1 - fraction) * 999.0).clamp(0, TRAIN_STEPS - 1)
-    low, high, w = t.floor().long(), t.ceil().long(), t.frac()
-    return ((1 - w) * LOG_SIGMAS[low] + w * LOG_SIGMAS[high]).exp().item()
+    return interpolated_sigma((1 - fraction) * 999.0)
 
 
-def in_sigma_range(timestep: int, start: float, end: float) -> bool:
+def in_sigma_range(timestep: float, start: float, end: float) -> bool:
     """Whether the step at ``timestep`` acts under ComfyUI's start_at/end_at."""
     return percent_to_sigma(end) <= sigma_at(timestep) <= percent_to_sigma(start)

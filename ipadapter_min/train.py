@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .ddim import DDIM
+from .samplers import NoiseSchedule
 from .distributed import Processes
 from .formats.files import message, write_atomically
 from .formats.image_encoder import read_image_encoder
@@ -218,7 +218,7 @@ def train(args: argparse.Namespace, pairs: list, ranks: Processes) -> int:
         optimizer.load_state_dict(optimizer_state["optimizer"])
         scaler.load_state_dict(optimizer_state["scaler"])
         start_step, skipped = state["step"], state["skipped_images"]
-    model = AdapterLoss(adapter, unet, DDIM())
+    model = AdapterLoss(adapter, unet, NoiseSchedule())
     if ranks.world_size > 1:
         trained = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)

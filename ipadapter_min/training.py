@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .configs import CONTEXT_DIM, VIT_H, VIT_H_TOKENS, VIT_H_WIDTH, AdapterSpec, ImageEncoderConfig, ResamplerConfig
-from .ddim import DDIM
+from .samplers import NoiseSchedule
 from .image_encoder import ImageEncoder
 from .ip_adapter import IPAdapter
 from .text_encoder import TextEncoder
@@ -72,7 +72,7 @@ def draw_drops(n: int, generator: torch.Generator | None = None) -> tuple[torch.
 
 def diffusion_loss(unet: UNet, adapter: IPAdapter, latents: torch.Tensor, text_states: torch.Tensor,
                    image_features: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
-                   schedule: DDIM) -> torch.Tensor:
+                   schedule: NoiseSchedule) -> torch.Tensor:
     """The ε-MSE (fp32) of one training batch, differentiable in the adapter's weights.
 
     ``image_features`` are the image encoder's, one row per sample, already zeroed where the
@@ -162,7 +162,7 @@ class AdapterLoss(nn.Module):
     that returns the loss, so that DistributedDataParallel wraps exactly what trains. The frozen
     UNet is held outside the module tree: DDP neither broadcasts nor watches its 860M weights."""
 
-    def __init__(self, adapter: IPAdapter, unet: UNet, schedule: DDIM):
+    def __init__(self, adapter: IPAdapter, unet: UNet, schedule: NoiseSchedule):
         super().__init__()
         self.adapter = adapter
         self.frozen = (unet, schedule)

@@ -14,6 +14,7 @@ from ipadapter_min.cfg import CFGBatch, per_row
 from ipadapter_min.configs import UNetConfig
 from ipadapter_min.ip_adapter import IPAdapterLayers, ImagePromptAttention
 from ipadapter_min.pipeline import StableDiffusion
+from ipadapter_min.samplers import DDIM
 from ipadapter_min.unet import UNet
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest)
@@ -119,11 +120,12 @@ def test_denoise_tells_the_hook_its_layout():
     latents, cond, uncond, positive, negative = inputs()
     nan = torch.full_like(negative, float("nan"))
     hook = ImagePromptAttention(layers, positive, nan, 1.0, rows=(False,))  # a stale layout: replaced
-    finite = sd.denoise(latents, cond, uncond, 2, 1.0, ImagePromptAttention(layers, positive, negative), progress=False)
+    finite = sd.denoise(latents, cond, uncond, DDIM(2), 1.0, ImagePromptAttention(layers, positive, negative),
+                        progress=False)
     assert torch.isfinite(finite).all()
-    assert torch.equal(sd.denoise(latents, cond, uncond, 2, 1.0, hook, progress=False), finite)
+    assert torch.equal(sd.denoise(latents, cond, uncond, DDIM(2), 1.0, hook, progress=False), finite)
     assert hook.rows == (True, True)
-    assert torch.isnan(sd.denoise(latents, cond, uncond, 2, 7.5, hook, progress=False)).all()
+    assert torch.isnan(sd.denoise(latents, cond, uncond, DDIM(2), 7.5, hook, progress=False)).all()
     assert hook.rows == (False, False, True, True)
 
 

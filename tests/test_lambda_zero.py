@@ -34,6 +34,7 @@ from ipadapter_min.configs import VIT_H, AdapterSpec, TextEncoderConfig, UNetCon
 from ipadapter_min.ip_adapter import IPAdapter, IPAdapterLayers, ImagePromptAttention, tokens_from_features
 from ipadapter_min.ip_layers import expand_scale
 from ipadapter_min.pipeline import StableDiffusion
+from ipadapter_min.samplers import DDIM
 from ipadapter_min.text_encoder import TextEncoder
 from ipadapter_min.tokenizer import Tokenizer
 from ipadapter_min.unet import UNet
@@ -459,9 +460,9 @@ def test_denoise_with_zero_lambda_hook_is_bit_identical(device, config, dtype, c
     positive, negative = image_tokens((2, 1, 4, 768), dtype, seed + 3, 0.3).to(device)
     scale, strict = zero
 
-    base = sd.denoise(latents, cond, uncond, steps, guidance, progress=False)
+    base = sd.denoise(latents, cond, uncond, DDIM(steps), guidance, progress=False)
     with ProjectionCalls(layers) as calls, fused_dispatch() as launches:
-        with_hook = sd.denoise(latents, cond, uncond, steps, guidance,
+        with_hook = sd.denoise(latents, cond, uncond, DDIM(steps), guidance,
                                ImagePromptAttention(layers, positive, negative, on(device, scale), strict=strict),
                                progress=False)
     assert same_bits(with_hook, base), describe_difference(with_hook, base)
@@ -559,9 +560,9 @@ def test_control_nonzero_lambda_changes_denoised_latents_and_images(device, dtyp
     cond, uncond = text_tokens((2, 1, 6, 32), dtype, 3, 0.1).to(device)
     latents = latents_like((1, 4, 8, 8), dtype, 4, 0.1).to(device)
     positive, negative = torch.randn(2, 1, 4, 768, generator=torch.Generator().manual_seed(5)).to(device, dtype)
-    base = sd.denoise(latents, cond, uncond, 3, 7.5, progress=False)
-    changed = sd.denoise(latents, cond, uncond, 3, 7.5, ImagePromptAttention(layers, positive, negative, {"mid": 1.0}),
-                         progress=False)
+    base = sd.denoise(latents, cond, uncond, DDIM(3), 7.5, progress=False)
+    changed = sd.denoise(latents, cond, uncond, DDIM(3), 7.5,
+                         ImagePromptAttention(layers, positive, negative, {"mid": 1.0}), progress=False)
     assert torch.isfinite(changed).all() and not same_bits(changed, base)
 
     if dtype != torch.float16:

@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 
 import reference_models as ref
-from ipadapter_min.ddim import DDIM
 from ipadapter_min.loading import load_sd15
 from ipadapter_min.pipeline import StableDiffusion, to_images
+from ipadapter_min.samplers import DDIM
 
 TOL = 1e-5
 
@@ -69,20 +69,20 @@ def test_text_encoder_matches_transformers(tiny, ours, clip_skip):
 def test_ddim_timesteps_match_diffusers(steps):
     reference = ref.ddim_scheduler()
     reference.set_timesteps(steps)
-    assert DDIM().timesteps(steps) == reference.timesteps.tolist()
+    assert DDIM(steps).timesteps.tolist() == reference.timesteps.tolist()
 
 
 @pytest.mark.parametrize("steps", [3, 30])
 def test_ddim_steps_match_diffusers(steps):
     reference = ref.ddim_scheduler()
     reference.set_timesteps(steps)
-    ddim = DDIM()
+    ddim = DDIM(steps)
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 4, 8, 8, generator=g)
-    for t in reference.timesteps:
+    for i, t in enumerate(reference.timesteps):
         eps = torch.randn(2, 4, 8, 8, generator=g)
         expected = reference.step(eps, t, x).prev_sample
-        x_ours = ddim.step(eps, int(t), x, steps)
+        x_ours = ddim.step(eps, i, x)
         assert torch.allclose(x_ours, expected, rtol=0, atol=1e-6), int(t)
         x = expected
 
@@ -90,7 +90,7 @@ def test_ddim_steps_match_diffusers(steps):
 @pytest.mark.parametrize("steps", [0, 1000])
 def test_ddim_rejects_bad_step_count(steps):
     with pytest.raises(ValueError, match=r"steps must be in \[1, 999\]"):
-        DDIM().timesteps(steps)
+        DDIM(steps)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

@@ -9,11 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ipadapter_min.ddim import DDIM
 from ipadapter_min.formats.ip_adapter import detect_variant, read_ip_adapter, save_official
 from ipadapter_min.formats.sd15 import rename, unet_config_from_diffusers, unet_table
 from ipadapter_min.ip_adapter import IPAdapter
 from ipadapter_min.ip_layers import CROSS_ATTENTION_WIDTHS, LAYERS
+from ipadapter_min.samplers import NoiseSchedule
 from ipadapter_min.training import diffusion_loss, draw_drops, init_ip_layers_from_unet
 from ipadapter_min.unet import UNet
 from reference_models import SMALL, projection_shapes, randomize_, unet_kwargs
@@ -121,7 +121,7 @@ def check_step_against_diffusers(unet, adapter, theirs, projection) -> None:
         assert torch.equal(ours, ref), name
     latents, noise, text, features = batch()
 
-    loss = diffusion_loss(unet, adapter, latents, text, features, noise, TIMESTEPS, DDIM())
+    loss = diffusion_loss(unet, adapter, latents, text, features, noise, TIMESTEPS, NoiseSchedule())
     want = reference_loss(theirs, projection, latents, noise, text, features)
     loss.backward()
     want.backward()
@@ -151,7 +151,7 @@ def loss_change_when_features_swap(unet, adapter) -> float:
     whose tokens never reach the UNet, gives 0."""
     latents, noise, text, features = batch()
     with torch.no_grad():
-        losses = [diffusion_loss(unet, adapter, latents, text, f, noise, TIMESTEPS, DDIM()).item()
+        losses = [diffusion_loss(unet, adapter, latents, text, f, noise, TIMESTEPS, NoiseSchedule()).item()
                   for f in (features, features.flip(0))]
     print(f"loss {losses[0]:.6f}, with the samples' image features swapped {losses[1]:.6f}")
     return abs(losses[1] - losses[0]) / losses[0]

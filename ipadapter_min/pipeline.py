@@ -50,9 +50,12 @@ class StableDiffusion:
         self.tokenizer = tokenizer or Tokenizer()
 
     @classmethod
-    def from_file(cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-        """From a converted file, an original single-file checkpoint or a diffusers folder."""
-        models = load_sd15(path, device=device, dtype=dtype)
+    def from_file(cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                  loras: Sequence[tuple[str | Path, float]] = (), vae: str | Path | None = None):
+        """From a converted file, an original single-file checkpoint or a diffusers folder; ``loras``:
+        (file, weight) pairs merged into the UNet and text encoder; ``vae``: a VAE file or folder
+        instead of the checkpoint's own (``loading.load_sd15``)."""
+        models = load_sd15(path, device=device, dtype=dtype, loras=loras, vae=vae)
         return cls(models["unet"], models["vae"], models["text_encoder"])
 
     @property

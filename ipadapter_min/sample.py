@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -50,6 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "checkpoint (.safetensors or .ckpt), or a diffusers folder. Without it: the demo model "
                         "shipped in the package (a toy world of coloured shapes at 64×64, trained here; see the "
                         "README), with its own IP-Adapter and image encoder for --image")
+    p.add_argument("--lora", action="append", metavar="FILE[:WEIGHT]",
+                   help="a LoRA merged into the UNet and text encoder at load time, times WEIGHT (default 1.0): a "
+                        "kohya-ss / A1111 .safetensors (lora_unet_*, lora_te_*; LoCon's convolutions too) or diffusers' "
+                        "pytorch_lora_weights.safetensors (or its folder). Repeat for several; they add up")
+    p.add_argument("--vae", type=Path, metavar="FILE",
+                   help="an SD1.5 VAE instead of the model's own, e.g. stabilityai's sd-vae-ft-mse: the original "
+                        "vae-ft-mse-840000-ema-pruned.safetensors (or .ckpt), or a diffusers folder (config.json + "
+                        "diffusion_pytorch_model.safetensors)")
     p.add_argument("--prompt", default="", help="what the image should show")
     p.add_argument("--negative-prompt", default="", help="what the image should not show (used by guidance)")
     p.add_argument("--steps", type=int, default=30, help="denoising steps")
@@ -230,6 +239,7 @@ def validate(args: argparse.Namespace, groups: list[argparse.Namespace] | None =
         use_demo_model(args)
     if not args.model.exists():
         raise ValueError(f"--model {args.model}: no such file or folder")
+    validate_loras_and_vae(args)
     validate_editing(args)
     controls = validate_controls(args)
     picture = open_image(args.init_image, "--init-image") if args.init_image else controls[0][2] if controls else None
@@ -393,6 +403,37 @@ def validate_controls(args: argparse.Namespace) -> list[tuple[str, Path, Image.I
             for _, path in pairs]
 
 
+def parse_lora(text: str) -> tuple[Path, float]:
+    """``--lora FILE[:WEIGHT]``: the weight is what follows the last ':' when that is a number, or
+    when FILE alone does not exist (then it must be one)."""
+    path, colon, weight = text.rpartition(":")
+    if not colon or (Path(text).exists() and not _is_number(weight)):
+        return Path(text), 1.0
+    if not _is_number(weight):
+        raise ValueError(f"--lora {text}: the weight after ':' must be a number")
+    if not math.isfinite(float(weight)):
+        raise ValueError(f"--lora {text}: the weight after ':' must be a finite number")
+    return Path(path), float(weight)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def validate_loras_and_vae(args: argparse.Namespace) -> None:
+    """``args.loras``: (file, weight) pairs from --lora; the files and --vae exist."""
+    args.loras = [parse_lora(text) for text in args.lora or []]
+    for path, _ in args.loras:
+        if not path.exists():
+            raise ValueError(f"--lora {path}: no such file")
+    if args.vae is not None and not args.vae.exists():
+        raise ValueError(f"--vae {args.vae}: no such file or folder")
+
+
 def generation_parameters(args: argparse.Namespace, groups: list[argparse.Namespace], index: int,
                           size: tuple[int, int]) -> str:
     """Written into the PNG so that an image says how it was made."""
@@ -403,6 +444,10 @@ def generation_parameters(args: argparse.Namespace, groups: list[argparse.Namesp
               "dtype": args.dtype}
     if args.eta:
         fields["eta"] = args.eta
+    if args.loras:
+        fields["loras"] = " ".join(f"{path.name}:{weight}" for path, weight in args.loras)
+    if args.vae:
+        fields["vae"] = args.vae.name
     if args.init_image:
         fields.update({"init_image": args.init_image.name, "strength": args.strength})
     if args.mask:
@@ -495,12 +540,12 @@ def main(argv: list[str] | None = None) -> int:
         if groups[0].ip_adapter:
             sd, adapters, encoders = load_image_prompt_models(
                 args.model, [g.ip_adapter for g in groups], [None if g.embeds else g.image_encoder for g in groups],
-                device, dtype)
+                device, dtype, args.loras, args.vae)
             attention = decoupled_attention_reference if args.reference_attention else decoupled_attention
             hook = image_prompt_hook(image_prompts(groups, adapters, encoders), args.width, args.height, attention)
             images = sd(args.prompt, args.negative_prompt, hook=hook, **generation)
         else:
-            pipe = StableDiffusion.from_file(args.model, device=device, dtype=dtype)
+            pipe = StableDiffusion.from_file(args.model, device=device, dtype=dtype, loras=args.loras, vae=args.vae)
             images = pipe(args.prompt, args.negative_prompt, **generation)
         for i, (image, path) in enumerate(zip(images, paths)):
             save_png(image, path, generation_parameters(args, groups, i, image.size), args.force)

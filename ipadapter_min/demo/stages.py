@@ -45,8 +45,8 @@ class Settings:
 
 CLIP = Settings(steps=3000, batch=128, lr=5e-4, weight_decay=0.1, seed=1)
 VAE = Settings(steps=8000, batch=16, lr=7e-4, weight_decay=0.0, seed=2)
-UNET = Settings(steps=15000, batch=64, lr=3e-4, weight_decay=0.0, seed=3)
-ADAPTER = Settings(steps=4000, batch=64, lr=1e-4, weight_decay=1e-2, seed=4, smoke_steps=2)  # the paper's lr, wd
+UNET = Settings(steps=6000, batch=64, lr=3e-4, weight_decay=0.0, seed=3)
+ADAPTER = Settings(steps=2000, batch=64, lr=1e-4, weight_decay=1e-2, seed=4, smoke_steps=2)  # the paper's lr, wd
 ADAPTER_IMAGES = 20_000
 JUDGE = Settings(steps=2000, batch=64, lr=3e-3, weight_decay=0.0, seed=5)  # ≥ 99.6% per attribute (measured)
 JUDGE_GATE = 0.98  # its verdicts count only above this, per attribute, on held-out renders

@@ -25,7 +25,7 @@ LAYERS = [
      "ipadapter_min.weight_types", "ipadapter_min.step_ranges"},
     {"ipadapter_min.formats.*"},
     {"ipadapter_min.attention", "ipadapter_min.unet", "ipadapter_min.vae", "ipadapter_min.text_encoder",
-     "ipadapter_min.tokenizer", "ipadapter_min.ddim", "ipadapter_min.samplers.*", "ipadapter_min.image_encoder",
+     "ipadapter_min.tokenizer", "ipadapter_min.samplers.*", "ipadapter_min.image_encoder",
      "ipadapter_min.image_projection",
      "ipadapter_min.ip_adapter", "ipadapter_min.cfg", "ipadapter_min.controlnet", "ipadapter_min.t2i_adapter",
      "ipadapter_min.image_processing", "ipadapter_min.negative_noise"},

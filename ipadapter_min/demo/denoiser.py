@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..ddim import DDIM
+from ..samplers.schedule import SD15
 from ..text_encoder import TextEncoder
 from ..tokenizer import Tokenizer
 from ..unet import UNet
@@ -50,7 +50,7 @@ class DenoiserTraining:
         self.ema = copy.deepcopy(self.unet).requires_grad_(False)
         self.text_encoder, self.scaling = text_encoder.eval().requires_grad_(False), vae.cfg.scaling_factor
         self.dataset, self.seed, self.batch = dataset, seed, batch
-        self.tokenizer, self.schedule = Tokenizer(), DDIM()
+        self.tokenizer, self.schedule = Tokenizer(), SD15
 
     def loss(self, step: int) -> torch.Tensor:
         rng = random.Random(self.seed * 1_000_003 + step)

@@ -124,7 +124,7 @@ def evaluate_demo(weights: Path, count: int = 200, steps: int = 30, guidance: fl
         shown = range(min(6, count))
         sweep = [[references[i][1]] + [pipe("", [references[i][1]], scale=s, seed=i, **settings)[0]
                                        for s in (0.0, 0.25, 0.5, 0.75, 1.0)] for i in shown]
-        sheet = grid(sweep, ["reference", "λ 0", "λ 0.25", "λ 0.5", "λ 0.75", "λ 1"])
+        sheet = grid(sweep, ["reference"] + [f"lambda {s:g}" for s in (0.0, 0.25, 0.5, 0.75, 1.0)])  # PIL's font has no λ
         write_atomically(pictures / "demo-lambda-sweep.png", lambda tmp: sheet.save(tmp, format="PNG"), True)
         mixed = [[references[i][1]] + [pipe(f"a {shape}", [references[i][1]], scale=TEXT_AND_IMAGE_LAMBDA, seed=i,
                                             **settings)[0] for shape in ("circle", "star", "square", "cross")]

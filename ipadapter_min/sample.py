@@ -24,6 +24,7 @@ from . import demo, image_prompt_args
 from .controlnet import ControlNetInput
 from .editing import IMG2IMG_STRENGTH, INPAINT_STRENGTH
 from .formats.files import message, write_atomically
+from .image_files import open_image
 from .image_processing import require_output_size, size_of
 from .ip_layers import expand_scale
 from .image_prompt_args import read_image_embeds, save_image_embeds
@@ -480,17 +481,6 @@ def save_png(image, path: Path, parameters: str, overwrite: bool) -> None:
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", parameters)
     write_atomically(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info), overwrite)
-
-
-def open_image(path: Path, flag: str = "--image") -> Image.Image:
-    if not path.is_file():
-        raise ValueError(f"{flag} {path}: no such file")
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return image
-    except (OSError, Image.DecompressionBombError) as exc:
-        raise ValueError(f"{flag} {path}: not a readable image ({exc})") from None
 
 
 def image_prompts(groups: list[argparse.Namespace], adapters, encoders) -> list[ImagePromptInput]:

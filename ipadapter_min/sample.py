@@ -12,7 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import secrets
 import sys
+from copy import copy
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -20,7 +23,7 @@ from PIL import Image, PngImagePlugin
 
 from kernels import decoupled_attention, decoupled_attention_reference
 
-from . import demo, image_prompt_args
+from . import demo, image_prompt_args, rerun
 from .controlnet import ControlNetInput
 from .editing import IMG2IMG_STRENGTH, INPAINT_STRENGTH
 from .formats.files import message, write_atomically
@@ -30,12 +33,16 @@ from .ip_layers import expand_scale
 from .image_prompt_args import read_image_embeds, save_image_embeds
 from .ip_adapter import COMBINE, EMBEDS_SCALING
 from .ip_pipeline import ImagePromptInput, image_prompt_hook, load_image_prompt_models
+from .png_parameters import generation_parameters
 from .negative_noise import KINDS as NOISE_KINDS, negative_noise
 from .weight_types import WEIGHT_TYPES, weight_type
 from .loading import load_controlnet, load_t2i_adapter
 from .pipeline import DEFAULT_SIZE, StableDiffusion, check_size
 from .samplers import DESCRIPTIONS as SAMPLER_DESCRIPTIONS, SAMPLERS, make_sampler, max_steps
+from .sweeps import Sweep, comma_list, text_of
 from .t2i_adapter import T2IAdapterInput
+
+LONG_PROMPT_MODES = ("truncate", "chunk")  # TODO: from the pipeline
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -63,23 +70,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default="", help="what the image should show")
     p.add_argument("--negative-prompt", default="", help="what the image should not show (used by guidance)")
     p.add_argument("--steps", type=int, default=30, help="denoising steps")
-    p.add_argument("--sampler", choices=list(SAMPLERS), default="ddim",
+    p.add_argument("--sampler", type=comma_list(sampler_name), default="ddim", metavar="NAME[,NAME…]",
                    help="how the steps are taken, each as diffusers' scheduler of that name built from SD1.5's "
                         "scheduler config: " + "; ".join(f"{name}: {text}"
                                                           for name, text in SAMPLER_DESCRIPTIONS.items()))
     p.add_argument("--eta", type=float,
                    help="DDIM's η in [0, 1]: the share of fresh noise added at each step (0, the default, is "
                         "deterministic; 1 is like DDPM). --sampler ddim only")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale; ≤ 1 turns it off")
-    p.add_argument("--seed", type=int, default=0, help="seed of the starting noise (drawn on the CPU, as diffusers does)")
+    p.add_argument("--guidance", type=comma_list(float), default="7.5", metavar="G[,G…]",
+                   help="classifier-free guidance scale; ≤ 1 turns it off")
+    p.add_argument("--seed", type=comma_list(int), default="0", metavar="SEED[,SEED…]",
+                   help="seed of the starting noise (drawn on the CPU, as diffusers does); -1 draws one at random, "
+                        "prints it and records it in the PNG")
     p.add_argument("--width", type=int, help="image width, a multiple of 8 (default 512; the demo model's 64)")
     p.add_argument("--height", type=int, help="image height, a multiple of 8 (default 512; the demo model's 64)")
     p.add_argument("--num-images", type=int, default=1, help="images to generate; several are written as OUT-0.png, OUT-1.png, …")
     p.add_argument("--clip-skip", type=int, default=0, help="stop the text encoder this many layers early (diffusers' clip_skip)")
-    p.add_argument("--out", type=Path, default=Path("out.png"), help="PNG file to write")
+    p.add_argument("--long-prompt", choices=LONG_PROMPT_MODES, default="truncate",
+                   help="a prompt over CLIP's 75 tokens: truncate drops the rest with a warning naming the words "
+                        "dropped (diffusers); chunk encodes it 75 tokens at a time and joins the chunks "
+                        "(AUTOMATIC1111's long prompts, BREAK starting a new chunk; no (emphasis:1.2) syntax)")
+    p.add_argument("--out", type=Path, default=Path("out.png"),
+                   help="PNG file to write, with the settings in its metadata (AUTOMATIC1111's 'parameters' text, "
+                        "and the command line for --from-png). With comma lists: the labelled grid, each image "
+                        "beside it as OUT-<option><value>.png")
+    p.add_argument("--from-png", type=Path, metavar="FILE",
+                   help="run again the command that made FILE (a PNG written by this command), for the same bits on "
+                        "the same device; options given besides it override the recorded ones (repeatable ones add)")
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weights and activations precision")
+    p.add_argument("--dtype", choices=sorted(DTYPES),
+                   help="weights and activations precision (default: fp16 on CUDA, fp32 on the CPU)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     edit = p.add_argument_group(
         "img2img and inpainting",
@@ -146,9 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "(config.json + model.safetensors; ViT-H/14, or ViT-bigG/14 for the vit-G adapter) or a converted file")
     ip.add_argument("--image", type=Path, nargs="+", action="extend", metavar="FILE",
                     help="reference image(s); several are combined by --image-combine")
-    ip.add_argument("--scale", type=parse_scale, help="λ: a number, or a JSON dict of per-block values "
+    ip.add_argument("--scale", type=scale_list, help="λ: a number, or a JSON dict of per-block values "
                     "as diffusers' set_ip_adapter_scale takes, e.g. '{\"down\": {\"block_2\": [0.0, 1.0]}}' "
-                    "(blocks not named get 0); default 1.0")
+                    "(blocks not named get 0); default 1.0. A comma list (0,0.25,0.5,0.75,1) makes one image per "
+                    "value and a grid of them, as comma lists of --seed, --sampler and --guidance do (two lists: "
+                    "a grid of rows and columns)")
     ip.add_argument("--image-combine", choices=COMBINE,
                     help="several reference images: concatenate their tokens (as diffusers), or combine their "
                          "embeddings into one image's as ComfyUI's combine_embeds does (average, add, subtract: the "
@@ -214,10 +237,49 @@ def parse_scale(text: str) -> float | dict:
     return value
 
 
+def scale_list(text: str) -> list:
+    """``--scale``: a per-block JSON dict, or one or more numbers separated by commas."""
+    if text.lstrip().startswith("{"):
+        return [parse_scale(text)]
+    try:
+        return comma_list(float)(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a number, numbers separated by commas, or a JSON dict, got "
+                                         f"{text!r}") from None
+
+
+def sampler_name(text: str) -> str:
+    if text not in SAMPLERS:
+        raise ValueError(f"not a sampler: choose from {', '.join(SAMPLERS)}")
+    return text
+
+
 def output_paths(out: Path, count: int) -> list[Path]:
     if out.suffix.lower() != ".png":
         raise ValueError(f"--out must name a .png file, got {out}")
     return [out] if count == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(count)]
+
+
+def sweep_paths(out: Path, sweep: Sweep, count: int) -> list[list[Path]]:
+    """The files of each cell's images: OUT's own without a sweep, else OUT-<option><value>.png
+    beside the grid at OUT."""
+    if not sweep:
+        return [output_paths(out, count)]
+    if count > 1:
+        raise ValueError("--num-images makes several images of one setting: with comma lists each cell of the grid "
+                         "is one image (list several --seed values instead)")
+    output_paths(out, 1)
+    return [[out.with_name(f"{out.stem}{cell.suffix()}{out.suffix}")] for cell in sweep.cells()]
+
+
+def draw_seeds(args: argparse.Namespace) -> None:
+    """``--seed -1``: a random seed each, printed, so that the image can be made again."""
+    for i, seed in enumerate(args.seed):
+        if seed == -1:
+            args.seed[i] = secrets.randbelow(2 ** 32)
+            print(f"seed: {args.seed[i]}")
+        elif not 0 <= seed < 2 ** 64:
+            raise ValueError(f"--seed must be in [0, 2**64) or -1 (random), got {seed}")
 
 
 def use_demo_model(args: argparse.Namespace) -> None:
@@ -232,10 +294,13 @@ def use_demo_model(args: argparse.Namespace) -> None:
         args.ip_adapter, args.image_encoder = demo.ADAPTER, demo.IMAGE_ENCODER
 
 
-def validate(args: argparse.Namespace, groups: list[argparse.Namespace] | None = None) -> list[Path]:
-    """Every check that needs no model, so bad input fails before minutes of loading. ``groups``:
-    the image-prompt groups (``image_prompt_args.parse``), by default ``args`` itself."""
+def validate(args: argparse.Namespace, groups: list[argparse.Namespace] | None = None,
+             sweep: Sweep | None = None) -> list[list[Path]]:
+    """Every check that needs no model, so bad input fails before minutes of loading; the output
+    files of each of the sweep's cells. ``groups``: the image-prompt groups
+    (``image_prompt_args.parse``), by default ``args`` itself."""
     groups = groups or [args]
+    sweep = sweep or Sweep([])
     if args.model is None:
         use_demo_model(args)
     if not args.model.exists():
@@ -251,31 +316,41 @@ def validate(args: argparse.Namespace, groups: list[argparse.Namespace] | None =
         require_output_size(image, args.width, args.height, f"{flag} {path}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: no CUDA device is available here (use --device cpu)")
-    validate_sampler(args)
+    args.dtype = args.dtype or ("fp16" if args.device.startswith("cuda") else "fp32")
+    for cell in sweep.cells():
+        validate_sampler(cell.values.get("sampler", args.sampler), args.steps, args.eta)
     if args.num_images < 1:
         raise ValueError(f"--num-images must be at least 1, got {args.num_images}")
     for group in groups:
         validate_image_prompt(group, args.width, args.height)
+    for cell in sweep.cells():
+        if "scale" in cell.values:
+            validate_scale(groups[0], cell.values["scale"])
     if args.reference_attention and not groups[0].ip_adapter:
         raise ValueError("--reference-attention applies to an image prompt: give --ip-adapter, --image-encoder "
                          "and --image")
     if not 0 <= args.clip_skip < 12:
         raise ValueError(f"--clip-skip must be in [0, 11], got {args.clip_skip}")
-    paths = output_paths(args.out, args.num_images)
-    existing = [p for p in paths if p.exists()]
+    paths = sweep_paths(args.out, sweep, args.num_images)
+    existing = [p for p in [*sum(paths, []), *([args.out] if sweep else [])] if p.exists()]
     if existing and not args.force:
         raise ValueError(f"{existing[0]} already exists (pass --force to overwrite it)")
     return paths
 
 
-def validate_sampler(args: argparse.Namespace) -> None:
-    if args.eta is not None and args.sampler != "ddim":
-        raise ValueError(f"--eta applies to --sampler ddim only, not to {args.sampler}")
-    if args.eta is not None and not 0 <= args.eta <= 1:
-        raise ValueError(f"--eta must be in [0, 1], got {args.eta}")
-    if not 1 <= args.steps <= max_steps(args.sampler):
-        raise ValueError(f"--steps must be in [1, {max_steps(args.sampler)}] for --sampler {args.sampler}, got "
-                         f"{args.steps}")
+def validate_sampler(sampler: str, steps: int, eta: float | None) -> None:
+    if eta is not None and sampler != "ddim":
+        raise ValueError(f"--eta applies to --sampler ddim only, not to {sampler}")
+    if eta is not None and not 0 <= eta <= 1:
+        raise ValueError(f"--eta must be in [0, 1], got {eta}")
+    if not 1 <= steps <= max_steps(sampler):
+        raise ValueError(f"--steps must be in [1, {max_steps(sampler)}] for --sampler {sampler}, got {steps}")
+
+
+def validate_scale(group: argparse.Namespace, scale) -> None:
+    if group.weight_type is not None and not isinstance(scale, float):
+        raise ValueError("--weight-type takes a plain number as --scale (its weight)")
+    expand_scale(scale)  # a bad per-block --scale fails now, before any file is read
 
 
 def validate_image_prompt(group: argparse.Namespace, width: int, height: int) -> None:
@@ -302,9 +377,7 @@ def validate_image_prompt(group: argparse.Namespace, width: int, height: int) ->
     if group.embeds is not None and group.image:
         raise ValueError("--embeds replaces --image: give one or the other")
     group.scale = 1.0 if group.scale is None else group.scale
-    if group.weight_type is not None and not isinstance(group.scale, float):
-        raise ValueError("--weight-type takes a plain number as --scale (its weight)")
-    expand_scale(group.scale)  # a bad per-block --scale fails now, before any file is read
+    validate_scale(group, group.scale)
     for flag, path in (("--ip-adapter", group.ip_adapter), ("--image-encoder", group.image_encoder),
                        ("--embeds", group.embeds)):
         if path is not None and not path.exists():
@@ -435,51 +508,13 @@ def validate_loras_and_vae(args: argparse.Namespace) -> None:
         raise ValueError(f"--vae {args.vae}: no such file or folder")
 
 
-def generation_parameters(args: argparse.Namespace, groups: list[argparse.Namespace], index: int,
-                          size: tuple[int, int]) -> str:
-    """Written into the PNG so that an image says how it was made."""
-    fields = {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "steps": args.steps,
-              "guidance": args.guidance, "seed": args.seed, "image_index": index, "width": size[0],
-              "height": size[1], "clip_skip": args.clip_skip,
-              "sampler": make_sampler(args.sampler, args.steps, args.eta or 0.0).label, "model": args.model.name,
-              "dtype": args.dtype}
-    if args.eta:
-        fields["eta"] = args.eta
-    if args.loras:
-        fields["loras"] = " ".join(f"{path.name}:{weight}" for path, weight in args.loras)
-    if args.vae:
-        fields["vae"] = args.vae.name
-    if args.init_image:
-        fields.update({"init_image": args.init_image.name, "strength": args.strength})
-    if args.mask:
-        fields.update({"mask": args.mask.name, "mask_crop": args.mask_crop})
-    for i, net in enumerate(args.controlnet or []):
-        fields[f"controlnet_{i}"] = (f"{net.name} image {args.control_image[i].name} scale {args.control_scale[i]} "
-                                     f"start {args.control_start[i]} end {args.control_end[i]}"
-                                     + (" guess mode" if args.guess_mode else ""))
-    for i, adapter in enumerate(args.t2i_adapter or []):
-        fields[f"t2i_adapter_{i}"] = f"{adapter.name} image {args.adapter_image[i].name} scale {args.adapter_scale[i]}"
-    for number, group in enumerate(g for g in groups if g.ip_adapter):
-        suffix = "" if number == 0 else f"_{number}"
-        fields.update({f"ip_adapter{suffix}": group.ip_adapter.name,
-                       f"images{suffix}": " ".join(p.name for p in group.image or [group.embeds]),
-                       f"scale{suffix}": json.dumps(group.scale), f"image_combine{suffix}": group.image_combine,
-                       f"crop{suffix}": not group.no_crop})
-        extras = {"image_masks": " ".join(p.name for p in group.image_mask or []) or None,
-                  "start": group.start or None, "end": group.end if group.end != 1.0 else None,
-                  "weight_type": group.weight_type, "embeds_scaling": group.embeds_scaling
-                  if group.embeds_scaling != "V only" else None, "negative_noise": group.negative_noise}
-        fields.update({f"{k}{suffix}": v for k, v in extras.items() if v is not None})
-    if groups[0].ip_adapter:
-        if args.reference_attention:
-            fields["attention"] = "reference (two SDPA calls)"
-    return "\n".join(f"{k}: {v}" for k, v in fields.items())
-
-
-def save_png(image, path: Path, parameters: str, overwrite: bool) -> None:
-    """Write atomically: a crash leaves either the old file or the whole new one."""
+def save_png(image, path: Path, parameters: str, overwrite: bool, run: str | None = None) -> None:
+    """Write atomically: a crash leaves either the old file or the whole new one. ``parameters``:
+    A1111's text; ``run``: the command line to make it again (``rerun``)."""
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", parameters)
+    if run is not None:
+        info.add_text(rerun.CHUNK, run)
     write_atomically(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info), overwrite)
 
 
@@ -500,46 +535,97 @@ def image_prompts(groups: list[argparse.Namespace], adapters, encoders) -> list[
             [open_image(p, "--image-mask") for p in group.image_mask] if group.image_mask else None, group.start,
             group.end, "sigmas" if group.sigma_range else "steps", group.embeds_scaling, group.image_combine, negatives,
             read_image_embeds(group.embeds, adapter.spec) if group.embeds else None, crop=not group.no_crop)
+        prompt = replace(prompt, features=prompt.encoded())  # encoded once for every image of a sweep
         if group.save_embeds is not None:
-            save_image_embeds(group.save_embeds, prompt.encoded(), adapter.spec, encoder.config.name, overwrite=True)
+            save_image_embeds(group.save_embeds, prompt.features, adapter.spec, encoder.config.name, overwrite=True)
             print(f"wrote {group.save_embeds}")
         prompts.append(prompt)
     return prompts
 
 
+def load_models(args: argparse.Namespace, groups: list[argparse.Namespace]):
+    """(the pipeline, the structural controls with their images, the image prompts with their
+    images encoded), loaded once for every image of a sweep."""
+    device, dtype = args.device, DTYPES[args.dtype]
+    controls = [
+        ControlNetInput(load_controlnet(net, device, dtype), open_image(image, "--control-image"), scale, start, end,
+                        args.guess_mode)
+        for net, image, scale, start, end in zip(args.controlnet or [], args.control_image or [],
+                                                  args.control_scale, args.control_start, args.control_end)]
+    controls += [
+        T2IAdapterInput(load_t2i_adapter(adapter, device, dtype), open_image(image, "--adapter-image"), scale)
+        for adapter, image, scale in zip(args.t2i_adapter or [], args.adapter_image or [], args.adapter_scale)]
+    if not groups[0].ip_adapter:
+        return StableDiffusion.from_file(args.model, device=device, dtype=dtype, loras=args.loras, vae=args.vae), \
+            controls, []
+    sd, adapters, encoders = load_image_prompt_models(
+        args.model, [g.ip_adapter for g in groups], [None if g.embeds else g.image_encoder for g in groups],
+        device, dtype, args.loras, args.vae)
+    return sd, controls, image_prompts(groups, adapters, encoders)
+
+
+def generate(sd: StableDiffusion, controls, prompts: list[ImagePromptInput], args: argparse.Namespace,
+             groups: list[argparse.Namespace]) -> list[Image.Image]:
+    """The images of one setting (one cell of a sweep)."""
+    hook = None
+    if prompts:
+        attention = decoupled_attention_reference if args.reference_attention else decoupled_attention
+        scaled = [replace(prompt, scale=group.scale) for prompt, group in zip(prompts, groups)]
+        hook = image_prompt_hook(scaled, args.width, args.height, attention)
+    return sd(args.prompt, args.negative_prompt, steps=args.steps, guidance=args.guidance, seed=args.seed,
+              width=args.width, height=args.height, num_images=args.num_images, clip_skip=args.clip_skip,
+              init_image=args.init_image and open_image(args.init_image, "--init-image"), strength=args.strength,
+              mask=args.mask and open_image(args.mask, "--mask"), mask_crop=args.mask_crop, controls=controls,
+              hook=hook, sampler=args.sampler, eta=args.eta or 0.0, progress=not args.no_progress)
+
+
+def with_values(args: argparse.Namespace, groups: list[argparse.Namespace], values: dict):
+    """Copies of ``args`` and ``groups`` with a sweep cell's values (``--scale``: the image prompt's)."""
+    args_copy, group_copies = copy(args), [copy(g) for g in groups]
+    for dest, value in values.items():
+        setattr(group_copies[0] if dest == "scale" else args_copy, dest, value)
+    return args_copy, group_copies
+
+
+def parse_command(argv: list[str]) -> tuple[argparse.Namespace, list[argparse.Namespace], Sweep]:
+    """(the arguments, the image-prompt groups, the sweep): ``--from-png`` expanded (the command
+    line run kept as ``args.argv``), ``--seed -1`` drawn, comma lists made the sweep's axes and
+    each option set to its first value."""
+    argv = rerun.expand(argv)
+    args, groups = image_prompt_args.parse(argv, build_parser())
+    args.argv = argv
+    draw_seeds(args)
+    return args, groups, Sweep.from_args(args, groups)
+
+
+def recorded(args: argparse.Namespace, values: dict) -> str:
+    """The PNG's record of the command line, with ``values`` (dest → value) written in."""
+    values = {"seed": args.seed, "dtype": args.dtype, **values}
+    return rerun.record(rerun.recorded_argv(args.argv, build_parser(), {d: str(v) for d, v in values.items()}))
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
-        args, groups = image_prompt_args.parse(argv, build_parser())
-        paths = validate(args, groups)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        generation = dict(steps=args.steps, guidance=args.guidance, seed=args.seed, width=args.width,
-                          height=args.height, num_images=args.num_images, clip_skip=args.clip_skip,
-                          init_image=args.init_image and open_image(args.init_image, "--init-image"),
-                          strength=args.strength, mask=args.mask and open_image(args.mask, "--mask"),
-                          mask_crop=args.mask_crop, sampler=args.sampler, eta=args.eta or 0.0,
-                          progress=not args.no_progress)
-        device, dtype = args.device, DTYPES[args.dtype]
-        generation["controls"] = [
-            ControlNetInput(load_controlnet(net, device, dtype), open_image(image, "--control-image"), scale, start, end,
-                            args.guess_mode)
-            for net, image, scale, start, end in zip(args.controlnet or [], args.control_image or [],
-                                                      args.control_scale, args.control_start, args.control_end)]
-        generation["controls"] += [
-            T2IAdapterInput(load_t2i_adapter(adapter, device, dtype), open_image(image, "--adapter-image"), scale)
-            for adapter, image, scale in zip(args.t2i_adapter or [], args.adapter_image or [], args.adapter_scale)]
-        if groups[0].ip_adapter:
-            sd, adapters, encoders = load_image_prompt_models(
-                args.model, [g.ip_adapter for g in groups], [None if g.embeds else g.image_encoder for g in groups],
-                device, dtype, args.loras, args.vae)
-            attention = decoupled_attention_reference if args.reference_attention else decoupled_attention
-            hook = image_prompt_hook(image_prompts(groups, adapters, encoders), args.width, args.height, attention)
-            images = sd(args.prompt, args.negative_prompt, hook=hook, **generation)
-        else:
-            pipe = StableDiffusion.from_file(args.model, device=device, dtype=dtype, loras=args.loras, vae=args.vae)
-            images = pipe(args.prompt, args.negative_prompt, **generation)
-        for i, (image, path) in enumerate(zip(images, paths)):
-            save_png(image, path, generation_parameters(args, groups, i, image.size), args.force)
-            print(f"wrote {path}")
+        args, groups, sweep = parse_command(list(sys.argv[1:] if argv is None else argv))
+        paths = validate(args, groups, sweep)
+        sd, controls, prompts = load_models(args, groups)
+        firsts = []
+        for number, (cell, cell_paths) in enumerate(zip(sweep.cells(), paths)):
+            if sweep:
+                print(f"[{number + 1}/{len(paths)}] " + ", ".join(f"{d} {text_of(v)}" for d, v in cell.values.items()))
+            cell_args, cell_groups = with_values(args, groups, cell.values)
+            images = generate(sd, controls, prompts, cell_args, cell_groups)
+            for i, (image, path) in enumerate(zip(images, cell_paths)):
+                save_png(image, path, generation_parameters(cell_args, cell_groups, i, image.size), args.force,
+                         recorded(cell_args, cell.values))
+                print(f"wrote {path}")
+            firsts.append(images[0])
+        if sweep:
+            reference = open_image(groups[0].image[0]) if groups[0].ip_adapter and groups[0].image else None
+            lists = {axis.dest: ",".join(map(str, axis.values)) for axis in sweep.axes}
+            save_png(sweep.grid(firsts, reference), args.out, generation_parameters(args, groups, 0, firsts[0].size),
+                     args.force, recorded(args, lists))
+            print(f"wrote {args.out}")
     except (ValueError, TypeError, OSError, RuntimeError) as exc:  # CheckpointError is a ValueError
         print(f"error: {message(exc)}", file=sys.stderr)
         return 2

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+import a1111
 import reference_models as ref
 from ipadapter_min import sample
 from ipadapter_min.controlnet import ControlNetInput
@@ -190,7 +191,7 @@ def test_sample_command_takes_controlnets(tiny, sd, nets, tmp_path):
     expected = sd(PROMPT, steps=4, seed=3, controls=controls, progress=False)[0]
     written = Image.open(out)
     assert written.size == (64, 48) and written.tobytes() == expected.tobytes()
-    assert "controlnet" in written.text["parameters"]
+    assert a1111.parse(written.text["parameters"])["ControlNet 1"].startswith("Model: ")
 
 
 @pytest.mark.parametrize("extra,message", [

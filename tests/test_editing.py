@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+import a1111
 import reference_models as ref
 from ipadapter_min import sample
 from ipadapter_min.image_processing import crop_box
@@ -164,7 +165,8 @@ def test_sample_command_edits_as_the_api_does(tiny, ours, tmp_path):
                               height=48, progress=False)[0]
     a, b = Image.open(tmp_path / "a.png"), Image.open(tmp_path / "b.png")
     assert a.size == (64, 48) and a.tobytes() == expected_a.tobytes()  # default strength 0.8, the picture's size
-    assert "strength: 0.8" in a.text["parameters"] and "init_image: init.png" in a.text["parameters"]
+    settings = a1111.parse(a.text["parameters"])
+    assert settings["Denoising strength"] == "0.8" and settings["Init image"] == "init.png"
     assert b.size == (70, 53) and b.tobytes() == expected_b.tobytes()  # pasted back into the whole picture
 
 

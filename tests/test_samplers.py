@@ -18,6 +18,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+import a1111
 import reference_models as ref
 from ipadapter_min import sample
 from ipadapter_min.controlnet import ControlNetInput
@@ -376,8 +377,9 @@ def test_sample_command_takes_the_sampler(tiny, ours, tmp_path):
     expected_b = ours(PROMPT, steps=STEPS, seed=9, width=64, height=48, eta=0.5, progress=False)[0]
     a, b = Image.open(tmp_path / "a.png"), Image.open(tmp_path / "b.png")
     assert a.tobytes() == expected_a.tobytes() and b.tobytes() == expected_b.tobytes()
-    assert "sampler: Euler a" in a.text["parameters"] and "eta" not in a.text["parameters"]
-    assert "sampler: DDIM" in b.text["parameters"] and "eta: 0.5" in b.text["parameters"]
+    settings_a, settings_b = (a1111.parse(image.text["parameters"]) for image in (a, b))
+    assert settings_a["Sampler"] == "Euler a" and "Eta DDIM" not in settings_a
+    assert settings_b["Sampler"] == "DDIM" and settings_b["Eta DDIM"] == "0.5"
     assert a.tobytes() != b.tobytes()
 
 

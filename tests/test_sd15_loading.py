@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import a1111
 from ipadapter_min import sample
 from ipadapter_min.loading import load_sd15
 from weights_convert.__main__ import main as convert_main
@@ -185,7 +186,9 @@ def test_sample_writes_images_with_parameters(tiny, tmp_path):
             "--num-images", "2", "--seed", "5", "--out", str(out), "--no-progress"]
     assert sample.main(args) == 0
     first = Image.open(tmp_path / "cat-0.png")
-    assert first.size == (32, 32) and "prompt: a cat" in first.text["parameters"] and "seed: 5" in first.text["parameters"]
+    settings = a1111.parse(first.text["parameters"])
+    assert first.size == (32, 32) and settings["Prompt"] == "a cat" and settings["Seed"] == "5"
+    assert settings["Batch size"] == "2" and settings["Batch pos"] == "0"
     assert (tmp_path / "cat-1.png").exists() and not out.exists()
 
 
@@ -205,11 +208,15 @@ def test_sample_defaults_and_help_say_what_the_code_does(tmp_path):
         return {n: p.default for n, p in inspect.signature(fn).parameters.items() if p.default is not p.empty}
 
     parser = sample.build_parser()
+
+    def parse(argv):
+        return sample.parse_command(argv)[0]  # comma-list options at their (one) value
+
     for name in ("m", "a.bin", "enc"):
         (tmp_path / name).write_bytes(b"x")
     from PIL import Image
     Image.new("RGB", (8, 8)).save(tmp_path / "r.png")
-    args = parser.parse_args(["--model", str(tmp_path / "m"), "--out", str(tmp_path / "o.png"), "--device", "cpu"])
+    args = parse(["--model", str(tmp_path / "m"), "--out", str(tmp_path / "o.png"), "--device", "cpu"])
     sample.validate(args)  # fills in what depends on the model (the size: 512, or the demo model's 64)
     sd = defaults(StableDiffusion.__call__)
     for name in ("negative_prompt", "steps", "guidance", "seed", "num_images", "clip_skip", "strength", "mask_crop"):
@@ -223,7 +230,7 @@ def test_sample_defaults_and_help_say_what_the_code_does(tmp_path):
 
     # The image-prompt options have no argparse default (so that validate can tell they were given
     # without an image prompt); validate fills them in, and the help states λ's in words.
-    ip_args = parser.parse_args(["--model", str(tmp_path / "m"), "--ip-adapter", str(tmp_path / "a.bin"),
+    ip_args = parse(["--model", str(tmp_path / "m"), "--ip-adapter", str(tmp_path / "a.bin"),
                                  "--image-encoder", str(tmp_path / "enc"), "--image", str(tmp_path / "r.png"),
                                  "--out", str(tmp_path / "o.png"), "--device", "cpu"])
     sample.validate(ip_args)
@@ -251,7 +258,7 @@ def test_sample_defaults_and_help_say_what_the_code_does(tmp_path):
     (["--ip-adapter", "a.bin"], "an image prompt needs --image, --image-encoder too"),
     (["--ip-adapter", "{d}/missing.bin", "--image-encoder", "{d}", "--image", "{d}/r.png"], "--ip-adapter"),
     (["--ip-adapter", "{d}/a.bin", "--image-encoder", "{d}", "--image", "{d}/none.png"], "--image"),
-    (["--scale", "lots"], "expected a number or a JSON dict"),
+    (["--scale", "lots"], "expected a number, numbers separated by commas, or a JSON dict"),
     (["--scale", "0.5"], "--scale applies to an image prompt"),
     (["--no-crop"], "--no-crop applies to an image prompt"),
     (["--reference-attention"], "--reference-attention applies to an image prompt"),

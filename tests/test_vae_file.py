@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+import a1111
 import reference_models as ref
 from ipadapter_min import sample
 from ipadapter_min.configs import VAEConfig
@@ -106,7 +107,7 @@ def test_cli_vae_changes_the_image(tiny, other_vae, tmp_path):
     assert sample.main([*common, "--out", str(tmp_path / "own.png")]) == 0
     assert sample.main([*common, "--vae", str(folder), "--out", str(tmp_path / "vae.png")]) == 0
     own, swapped = (Image.open(tmp_path / name) for name in ("own.png", "vae.png"))
-    assert "vae: sd-vae-ft-mse" in swapped.text["parameters"] and "vae:" not in own.text["parameters"]
+    assert a1111.parse(swapped.text["parameters"])["VAE"] == "sd-vae-ft-mse" and "VAE" not in a1111.parse(own.text["parameters"])
     api = StableDiffusion.from_file(tiny.folder, vae=folder)("a cat", steps=2, width=32, height=32, seed=1,
                                                              progress=False)[0]
     own, swapped, api = (np.asarray(i.convert("RGB")).astype(int) for i in (own, swapped, api))

@@ -1,0 +1,161 @@
+"""What the sample command leaves behind: A1111's ``parameters`` text (read back by an
+independent parser), ``--from-png`` making the same bits again, ``--seed -1``, and comma-list
+sweeps as labelled grids. On the shipped demo model (64×64, a few steps: about a second an image)."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import a1111
+from ipadapter_min import demo, rerun, sample
+from ipadapter_min.png_parameters import a1111_text
+
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.skipif(not demo.installed(), reason="the demo weights are not installed")]
+
+
+@pytest.fixture
+def reference(tmp_path):
+    """A reference image: a red disc on blue, as the demo world draws them."""
+    image = Image.new("RGB", (64, 64), (30, 60, 200))
+    image.paste((220, 30, 30), (16, 16, 48, 48))
+    image.save(tmp_path / "ref.png")
+    return tmp_path / "ref.png"
+
+
+def run(*args: str) -> int:
+    return sample.main([*args, "--steps", "3", "--no-progress"])
+
+
+def pixels(path) -> bytes:
+    with Image.open(path) as image:
+        return image.convert("RGB").tobytes()
+
+
+def test_parameters_are_read_by_a1111s_parser(reference, tmp_path):
+    out = tmp_path / "a.png"
+    assert run("--prompt", "a red circle", "--negative-prompt", "blurry, dark", "--sampler", "dpmpp-2m-karras",
+               "--guidance", "5", "--seed", "7", "--clip-skip", "1", "--image", str(reference), "--scale", "0.6",
+               "--out", str(out)) == 0
+    settings = a1111.parse(Image.open(out).text["parameters"])
+    assert settings["Prompt"] == "a red circle" and settings["Negative prompt"] == "blurry, dark"
+    assert {k: settings[k] for k in ("Steps", "Sampler", "CFG scale", "Seed", "Size", "Model", "Clip skip")} == {
+        "Steps": "3", "Sampler": "DPM++ 2M Karras", "CFG scale": "5", "Seed": "7", "Size": "64x64",
+        "Model": "ipadapter_min demo", "Clip skip": "2"}  # A1111's clip skip 2 is diffusers' 1
+    assert settings["IP-Adapter"] == "ip_adapter" and settings["IP-Adapter scale"] == "0.6"
+    assert settings["IP-Adapter image"] == "ref.png"
+
+
+def test_quoted_values_survive_the_parser():
+    written = a1111_text("a cat\non two lines", "", {"Steps": 3, "Sampler": "Euler a", "Seed": 1,
+                                                      "IP-Adapter scale": json.dumps({"down": {"block_2": [0.0, 1.0]}}),
+                                                      "LoRA": "a:0.5 b:1"})
+    settings = a1111.parse(written)
+    assert settings["Prompt"] == "a cat\non two lines" and settings["LoRA"] == "a:0.5 b:1"
+    assert json.loads(settings["IP-Adapter scale"]) == {"down": {"block_2": [0.0, 1.0]}}
+
+
+def test_from_png_makes_the_same_bits_from_anywhere(reference, tmp_path, monkeypatch):
+    """Relative paths in the command line are recorded absolute; a sampler that adds noise at
+    every step (euler-a) and an image prompt included."""
+    (tmp_path / "here").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    assert run("--prompt", "a star", "--image", "../ref.png", "--scale", "0.5", "--sampler", "euler-a",
+               "--seed", "11", "--out", "first.png") == 0
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    first = tmp_path / "here" / "first.png"
+    assert sample.main(["--from-png", str(first), "--out", "again.png", "--no-progress"]) == 0
+    assert pixels("again.png") == pixels(first)
+    assert sample.main(["--from-png", str(first), "--seed", "12", "--out", "other.png", "--no-progress"]) == 0
+    assert pixels("other.png") != pixels(first)  # the options given with it override the recorded ones
+    assert a1111.parse(Image.open("other.png").text["parameters"])["Seed"] == "12"
+
+
+def test_from_png_refuses_a_png_without_a_record(tmp_path, capsys):
+    Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
+    assert sample.main(["--from-png", str(tmp_path / "plain.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "plain.png" in err and "no ipadapter_min record" in err
+
+
+def test_random_seed_is_printed_recorded_and_repeatable(tmp_path, capsys):
+    assert run("--prompt", "a square", "--seed", "-1", "--out", str(tmp_path / "a.png")) == 0
+    printed = int(capsys.readouterr().out.split("seed: ")[1].split()[0])
+    written = Image.open(tmp_path / "a.png")
+    assert a1111.parse(written.text["parameters"])["Seed"] == str(printed)
+    assert ["--seed", str(printed)] == [t for t in json.loads(written.text[rerun.CHUNK])["argv"]
+                                        if t in ("--seed", str(printed))]
+    assert run("--prompt", "a square", "--seed", str(printed), "--out", str(tmp_path / "b.png")) == 0
+    assert pixels(tmp_path / "a.png") == pixels(tmp_path / "b.png")
+
+
+def test_scale_and_seed_lists_make_a_labelled_grid(reference, tmp_path):
+    out = tmp_path / "sweep.png"
+    assert run("--image", str(reference), "--scale", "0,1", "--seed", "1,2", "--out", str(out)) == 0
+    cells = {(s, seed): tmp_path / f"sweep-scale{s}-seed{seed}.png" for seed in (1, 2) for s in ("0", "1")}
+    assert all(path.exists() for path in cells.values())
+    assert run("--image", str(reference), "--scale", "0", "--seed", "2", "--out", str(tmp_path / "single.png")) == 0
+    assert pixels(cells["0", 2]) == pixels(tmp_path / "single.png")  # each cell is the image of its values
+    assert pixels(cells["0", 2]) != pixels(cells["1", 2]) != pixels(cells["1", 1])
+
+    grid = np.asarray(Image.open(out).convert("RGB")).astype(int)
+    cell = 128  # 64×64 images, enlarged 2× so that labels fit
+    top = grid.shape[0] - 2 * cell
+    left = grid.shape[1] - 2 * cell
+    assert top > 10 and left > cell  # a label band above, the reference and the row labels on the left
+    for (s, seed), path in cells.items():
+        x, y = ("0", "1").index(s), (1, 2).index(seed)
+        shown = grid[top + y * cell:top + (y + 1) * cell, left + x * cell:left + (x + 1) * cell]
+        expected = np.asarray(Image.open(path).convert("RGB").resize((cell, cell), Image.NEAREST)).astype(int)
+        assert np.array_equal(shown, expected)
+    corner = grid[top:top + cell, :cell]
+    assert np.abs(corner[cell // 2, cell // 2] - (220, 30, 30)).max() < 10  # the reference's red disc
+    assert np.abs(corner[4, 4] - (30, 60, 200)).max() < 10
+    assert (grid[:top, left:] < 128).any() and (grid[top:, cell:left] < 128).any()  # column and row labels
+
+    assert sample.main(["--from-png", str(out), "--out", str(tmp_path / "again" / "sweep.png"), "--no-progress"]) == 0
+    assert pixels(tmp_path / "again" / "sweep.png") == pixels(out)
+
+
+def test_sampler_and_guidance_lists(tmp_path):
+    out = tmp_path / "s.png"
+    assert run("--prompt", "a cross", "--sampler", "ddim,euler", "--guidance", "1,7.5", "--out", str(out)) == 0
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == sorted(["s.png"] + [f"s-sampler{a}-guidance{b}.png" for a in ("ddim", "euler") for b in ("1", "7.5")])
+    settings = a1111.parse(Image.open(tmp_path / "s-samplereuler-guidance1.png").text["parameters"])
+    assert settings["Sampler"] == "Euler" and settings["CFG scale"] == "1"
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--seed", "1,2", "--guidance", "3,4", "--sampler", "ddim,euler"], "at most two"),
+    (["--seed", "1,2", "--num-images", "2"], "--num-images"),
+    (["--seed", "1,2", "--eta", "0.5", "--sampler", "ddim,euler"], "--eta applies to --sampler ddim only"),
+    (["--seed", "-2"], "--seed must be in [0, 2**64) or -1"),
+])
+def test_bad_lists_are_refused_before_loading(tmp_path, capsys, extra, message):
+    assert sample.main(["--prompt", "a", "--out", str(tmp_path / "x.png"), *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("extra,message", [(["--sampler", "ddim,dpm"], "not a sampler: choose from ddim"),
+                                           (["--scale", "0,x"], "numbers separated by commas, or a JSON dict, got '0,x'")])
+def test_bad_list_values_are_argparse_errors(tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit) as exit:
+        sample.main(["--prompt", "a", "--out", str(tmp_path / "x.png"), *extra])
+    assert exit.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_dtype_defaults_to_fp16_on_cuda_only(monkeypatch, tmp_path):
+    def dtype(*extra):
+        args, groups, sweep = sample.parse_command([*extra, "--out", str(tmp_path / "a.png")])
+        sample.validate(args, groups, sweep)
+        return args.dtype
+
+    assert dtype("--device", "cpu") == "fp32"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert dtype("--device", "cuda") == "fp16" and dtype("--device", "cuda", "--dtype", "fp32") == "fp32"
+    assert "fp16 on CUDA, fp32 on the CPU" in " ".join(sample.build_parser().format_help().split())

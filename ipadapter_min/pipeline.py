@@ -21,6 +21,7 @@ from .controlnet import ControlNetInput
 from .editing import IMG2IMG_STRENGTH, INPAINT_STRENGTH, Inpainting, first_step, img2img_latents, noise
 from .image_processing import binary_mask, crop_box, paste_back, size_of, vae_pixels
 from .loading import load_sd15
+from .long_prompts import pad_with_empty, prompt_ids
 from .samplers import Sampler, make_sampler
 from .t2i_adapter import T2IAdapterInput
 from .tokenizer import Tokenizer
@@ -67,9 +68,13 @@ class StableDiffusion:
         return self.unet.out[2].weight.dtype
 
     @torch.no_grad()
-    def encode_prompt(self, prompt: str, clip_skip: int = 0) -> torch.Tensor:
-        ids = self.tokenizer([prompt]).to(self.device)
-        return self.text_encoder(ids, clip_skip=clip_skip)
+    def encode_prompt(self, prompt: str, clip_skip: int = 0, long_prompt: str = "truncate",
+                      which: str = "prompt") -> torch.Tensor:
+        """The text embedding [1, 77, width]; with ``long_prompt`` "chunk", [1, 77 · chunks, width]
+        (``long_prompts``). ``which`` names the text in the warning about words truncation drops."""
+        ids = prompt_ids(self.tokenizer, prompt, long_prompt, which).to(self.device)
+        hidden = self.text_encoder(ids, clip_skip=clip_skip)
+        return hidden.reshape(1, -1, hidden.shape[-1])  # the chunks one after another
 
     @torch.no_grad()
     def denoise(self, latents: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None, sampler: Sampler,
@@ -109,7 +114,7 @@ class StableDiffusion:
                  init_image: Image.Image | None = None, strength: float | None = None, mask: Image.Image | None = None,
                  mask_crop: int | None = None, controls: Sequence[ControlNetInput | T2IAdapterInput] = (),
                  hook: CrossAttentionHook | None = None, sampler: str = "ddim", eta: float = 0.0,
-                 progress: bool = True) -> list[Image.Image]:
+                 long_prompt: str = "truncate", progress: bool = True) -> list[Image.Image]:
         """Generate ``num_images`` images; guidance ≤ 1 turns classifier-free guidance off.
         ``sampler``: one of ``samplers.SAMPLERS`` (ddim, euler, euler-a, dpmpp-2m, dpmpp-2m-karras),
         each giving diffusers' image with its scheduler of that name; ``eta``: DDIM's η.
@@ -119,7 +124,8 @@ class StableDiffusion:
         white region changes (``strength`` default 1.0); ``mask_crop`` works on the mask's bounding
         box widened by that many pixels, at the output size, and pastes the result back into the
         picture. ``controls``: ControlNets and T2I-Adapters with their control images, whose
-        residuals add up.
+        residuals add up. ``long_prompt``: "truncate" (diffusers: tokens past CLIP's 75 are dropped,
+        with a warning) or "chunk" (AUTOMATIC1111's chunks of 75; ``long_prompts``).
         Size: ``width`` × ``height``, by default the init image's or else the first control image's
         size rounded down to a multiple of 8, else 512 × 512 (diffusers' inpainting pipeline
         defaults to 512 × 512 always)."""
@@ -136,9 +142,14 @@ class StableDiffusion:
         if self.unet.cfg.in_channels != 4 and mask is None:
             raise ValueError(f"this UNet takes {self.unet.cfg.in_channels} input channels (an inpainting model): "
                              "give it an init image and a mask")
-        cond = self.encode_prompt(prompt, clip_skip)
+        cond = self.encode_prompt(prompt, clip_skip, long_prompt)
         # As in diffusers, clip_skip shapes the prompt's embedding only, not the negative prompt's.
-        uncond = self.encode_prompt(negative_prompt) if guidance > 1 else None
+        uncond = self.encode_prompt(negative_prompt, 0, long_prompt, "negative prompt") if guidance > 1 else None
+        # Chunks: the shorter side is padded with the empty prompt, encoded as that side is (A1111).
+        if uncond is not None and cond.shape[1] < uncond.shape[1]:
+            cond = pad_with_empty(cond, uncond.shape[1], self.encode_prompt("", clip_skip))
+        elif uncond is not None and uncond.shape[1] < cond.shape[1]:
+            uncond = pad_with_empty(uncond, cond.shape[1], self.encode_prompt(""))
         sampling = make_sampler(sampler, steps, eta)
         generator = torch.Generator("cpu").manual_seed(seed)
         start, inpainting, box = 0, None, None

@@ -31,6 +31,7 @@ import importlib.util
 import os
 import re
 import unicodedata
+from typing import Sequence
 
 import torch
 
@@ -208,7 +209,8 @@ class Tokenizer:
     uses, without depending on transformers/tokenizers (or open_clip's ftfy cleanup).
 
     ``tok(texts)`` gives a LongTensor [N, max_length]: BOS, at most max_length - 2 tokens,
-    EOS, then EOS as padding. ``tok.encode(text)`` gives the bare token ids.
+    EOS, then EOS as padding. ``tok.encode(text)`` gives the bare token ids, ``tok.decode(ids)``
+    text back.
     """
 
     def __init__(self, max_length: int = 77):
@@ -218,6 +220,8 @@ class Tokenizer:
         self.bos_id, self.eos_id, self.pad_id = BOS_ID, EOS_ID, EOS_ID
         self._vocab, self._ranks = _load_vocab(bpe_vocab_path())
         self._byte_chars = _bytes_to_unicode()
+        self._tokens = {i: t for t, i in self._vocab.items()}
+        self._bytes = {c: b for b, c in self._byte_chars.items()}
         self._cache: dict[str, list[int]] = {}
 
     def _bpe(self, word: str) -> list[int]:
@@ -256,6 +260,14 @@ class Tokenizer:
                 for word in _split_words(_lowercase(_nfc(piece))):
                     ids += self._bpe(word)
         return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text back from token ids, as transformers' CLIPTokenizer.decode gives it (to name words
+        in messages): lower case, a space after each word ("a photo, of" → "a photo , of"), special
+        tokens written out. Bytes that are not UTF-8 (a character cut between tokens) become U+FFFD."""
+        text = "".join(self._tokens[int(i)] for i in ids)  # special tokens are printable ASCII: their own bytes
+        data = bytes(self._bytes[c] for c in text)
+        return data.decode("utf-8", errors="replace").replace("</w>", " ").strip()
 
     def __call__(self, texts: str | list[str]) -> torch.Tensor:
         if isinstance(texts, str):

@@ -37,14 +37,20 @@ from .png_parameters import generation_parameters
 from .negative_noise import KINDS as NOISE_KINDS, negative_noise
 from .weight_types import WEIGHT_TYPES, weight_type
 from .loading import load_controlnet, load_t2i_adapter
+from .long_prompts import LONG_PROMPT_MODES
 from .pipeline import DEFAULT_SIZE, StableDiffusion, check_size
 from .samplers import DESCRIPTIONS as SAMPLER_DESCRIPTIONS, SAMPLERS, make_sampler, max_steps
 from .sweeps import Sweep, comma_list, text_of
 from .t2i_adapter import T2IAdapterInput
 
-LONG_PROMPT_MODES = ("truncate", "chunk")  # TODO: from the pipeline
-
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown, except where there is none to show (the help says in words what happens)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None or action.default is False else super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Generate images with Stable Diffusion 1.5 (classifier-free guidance; DDIM or another "
                     "--sampler). The same seed gives the same image as diffusers' StableDiffusionPipeline with "
                     "the scheduler of that name.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("--model", type=Path,
                    help="SD1.5 weights: a file made by `python -m weights_convert sd15`, an original single-file "
                         "checkpoint (.safetensors or .ckpt), or a diffusers folder. Without it: the demo model "
@@ -576,7 +582,8 @@ def generate(sd: StableDiffusion, controls, prompts: list[ImagePromptInput], arg
               width=args.width, height=args.height, num_images=args.num_images, clip_skip=args.clip_skip,
               init_image=args.init_image and open_image(args.init_image, "--init-image"), strength=args.strength,
               mask=args.mask and open_image(args.mask, "--mask"), mask_crop=args.mask_crop, controls=controls,
-              hook=hook, sampler=args.sampler, eta=args.eta or 0.0, progress=not args.no_progress)
+              hook=hook, sampler=args.sampler, eta=args.eta or 0.0, long_prompt=args.long_prompt,
+              progress=not args.no_progress)
 
 
 def with_values(args: argparse.Namespace, groups: list[argparse.Namespace], values: dict):

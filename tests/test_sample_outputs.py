@@ -159,3 +159,12 @@ def test_dtype_defaults_to_fp16_on_cuda_only(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert dtype("--device", "cuda") == "fp16" and dtype("--device", "cuda", "--dtype", "fp32") == "fp32"
     assert "fp16 on CUDA, fp32 on the CPU" in " ".join(sample.build_parser().format_help().split())
+
+
+def test_long_prompt_flag_reaches_the_pipeline(tmp_path, caplog):
+    prompt = " ".join(["a small green cross on the right"] * 12)  # 84 tokens
+    assert run("--prompt", prompt, "--out", str(tmp_path / "cut.png")) == 0
+    assert 'dropped "the right a small green cross on the right"' in caplog.text  # tokens 76-84
+    assert run("--prompt", prompt, "--long-prompt", "chunk", "--out", str(tmp_path / "chunked.png")) == 0
+    assert pixels(tmp_path / "cut.png") != pixels(tmp_path / "chunked.png")
+    assert a1111.parse(Image.open(tmp_path / "chunked.png").text["parameters"])["Long prompt"] == "chunk"

@@ -20,23 +20,31 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageCms, ImageOps
 
-# A transparent pixel of a mask means "not painted", not white: these flags read transparency as
-# AUTOMATIC1111's create_binary_mask does (the alpha channel is the mask).
-MASK_FLAGS = ("--mask", "--image-mask")
-
-
 def open_image(path: Path, flag: str = "--image") -> Image.Image:
     """The file's first frame, upright, as RGB, fully loaded and the file closed; a missing,
     unreadable or too large file raises a one-line ValueError naming ``flag`` and ``path``."""
-    if not path.is_file():
-        raise ValueError(f"{flag} {path}: no such file")
+    return viewed_rgb(*decoded(path, flag))
+
+
+def open_mask(path: Path, flag: str = "--mask") -> Image.Image:
+    """As :func:`open_image`, but a transparent pixel of a mask means "not painted", not white: a
+    mask with transparency is its alpha channel (opaque = painted), as AUTOMATIC1111's
+    create_binary_mask reads it; an opaque mask is read as any other picture."""
+    image, name = decoded(path, flag)
+    image = eight_bit(image, name)
+    if has_alpha(image):
+        alpha = image.convert("RGBA").getchannel("A")
+        if alpha.getextrema() != (255, 255):
+            return alpha.convert("RGB")
+    return viewed_rgb(image, name)
+
+
+def decoded(path: Path, flag: str) -> tuple[Image.Image, str]:
+    """(the first frame, decoded and turned upright (EXIF orientation), in the file's own mode;
+    the name errors give it)."""
     name = f"{flag} {path}"
-    image = decoded(path, name)
-    return mask_rgb(image, name) if flag in MASK_FLAGS else viewed_rgb(image, name)
-
-
-def decoded(path: Path, name: str) -> Image.Image:
-    """The first frame, decoded and turned upright (EXIF orientation), in the file's own mode."""
+    if not path.is_file():
+        raise ValueError(f"{name}: no such file")
     try:
         with warnings.catch_warnings():
             # PIL only warns between MAX_IMAGE_PIXELS and twice that, then decodes for minutes.
@@ -44,7 +52,7 @@ def decoded(path: Path, name: str) -> Image.Image:
             with Image.open(path) as image:
                 image.seek(0)  # the first frame of an animation
                 image.load()
-                return upright(image)
+                return upright(image), name
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
         # raised inside Image.open, before there is an image: PIL's message holds the size
         pixels = re.search(r"\((\d+) pixels\)", str(exc))
@@ -84,17 +92,6 @@ def viewed_rgb(image: Image.Image, name: str) -> Image.Image:
         return image.convert("RGB")  # L, 1, P, RGB, YCbCr, ...
     except ValueError:
         raise ValueError(f"{name}: images of mode {image.mode} are not read (save it as RGB)") from None
-
-
-def mask_rgb(image: Image.Image, name: str) -> Image.Image:
-    """A mask with transparent pixels is its alpha channel (opaque = painted), as AUTOMATIC1111's
-    create_binary_mask reads it; an opaque one is read as any other picture."""
-    image = eight_bit(image, name)
-    if has_alpha(image):
-        alpha = image.convert("RGBA").getchannel("A")
-        if alpha.getextrema() != (255, 255):
-            return alpha.convert("RGB")
-    return viewed_rgb(image, name)
 
 
 def eight_bit(image: Image.Image, name: str) -> Image.Image:

@@ -157,17 +157,12 @@ def read_loras(models: dict[str, nn.Module], loras: LoRAs) -> list[tuple[float, 
 @torch.no_grad()
 def merge_lora(models: dict[str, nn.Module], updates: Sequence[LayerUpdate], weight: float = 1.0) -> None:
     """W ← W + weight · alpha/rank · up @ down for each updated layer, computed in float32 whatever
-    the model's dtype and rounded once into the weight (diffusers' ``fuse_lora(lora_scale=weight)``)."""
+    the model's dtype and rounded once into the weight (diffusers' ``fuse_lora(lora_scale=weight)`` on the CPU; on CUDA in
+    fp16 peft computes the product in fp16, so there the merge is more exact than diffusers')."""
     for update in updates:
         part, _, name = update.key.partition(".")
         param = models[part].get_parameter(name)
         param.copy_(param.float() + update.delta(param.shape, param.device) * (weight * update.scale))
-
-
-def merge_loras(models: dict[str, nn.Module], loras: LoRAs) -> None:
-    """:func:`merge_lora` for (file, weight) pairs, into models already loaded (``load_sd15``'s dict)."""
-    for weight, updates in read_loras(models, loras):
-        merge_lora(models, updates, weight)
 
 
 def check_vae_fits(cfg: VAEConfig, latent_channels: int, where: str) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from .formats.lora import lora_argument
 from .image_prompt_args import flag_spans
 
 CHUNK = "ipadapter_min"
@@ -42,17 +43,15 @@ def recorded_argv(argv: list[str], parser: argparse.ArgumentParser, values: dict
         elif dest is not None and parser._option_string_actions[flag].type is Path:
             texts = [str(Path(text).absolute()) for text in texts]
         recorded += ([flag] if flag else []) + texts
-    for dest in values.keys() - given:
+    for dest in [d for d in values if d not in given]:  # in a fixed order: the same run, the same bytes
         recorded += ["--" + dest.replace("_", "-"), values[dest]]
     return recorded
 
 
 def absolute_lora(text: str) -> str:
     """``FILE[:WEIGHT]`` with FILE absolute."""
-    path, colon, weight = text.rpartition(":")
-    if colon and not Path(text).exists():
-        return f"{Path(path).absolute()}:{weight}"
-    return str(Path(text).absolute())
+    path, weight = lora_argument(text)
+    return f"{path.absolute()}:{weight!r}"
 
 
 def record(argv: list[str]) -> str:
@@ -84,7 +83,7 @@ def read(path: Path) -> list[str]:
     try:
         with Image.open(path) as image:
             text = getattr(image, "text", {}).get(CHUNK)
-    except OSError as exc:
+    except (OSError, Image.DecompressionBombError) as exc:
         raise ValueError(f"{FLAG} {path}: not a readable image ({exc})") from None
     if text is None:
         raise ValueError(f"{FLAG} {path}: the PNG holds no {CHUNK} record of its command line (it was not made by "

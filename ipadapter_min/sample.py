@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import secrets
 import sys
 from copy import copy
@@ -27,7 +26,7 @@ from . import demo, image_prompt_args, rerun
 from .controlnet import ControlNetInput
 from .editing import IMG2IMG_STRENGTH, INPAINT_STRENGTH
 from .formats.files import message, write_atomically
-from .image_files import open_image
+from .image_files import open_image, open_mask
 from .image_processing import require_output_size, size_of
 from .ip_layers import expand_scale
 from .image_prompt_args import read_image_embeds, save_image_embeds
@@ -36,6 +35,7 @@ from .ip_pipeline import ImagePromptInput, image_prompt_hook, load_image_prompt_
 from .png_parameters import generation_parameters
 from .negative_noise import KINDS as NOISE_KINDS, negative_noise
 from .weight_types import WEIGHT_TYPES, weight_type
+from .formats.lora import lora_argument
 from .loading import load_controlnet, load_t2i_adapter
 from .long_prompts import LONG_PROMPT_MODES
 from .pipeline import DEFAULT_SIZE, StableDiffusion, check_size
@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Generate images with Stable Diffusion 1.5 (classifier-free guidance; DDIM or another "
                     "--sampler). The same seed gives the same image as diffusers' StableDiffusionPipeline with "
                     "the scheduler of that name.",
-        formatter_class=HelpFormatter)
+        formatter_class=HelpFormatter, allow_abbrev=False)  # a shortened flag would escape --from-png's record
     p.add_argument("--model", type=Path,
                    help="SD1.5 weights: a file made by `python -m weights_convert sd15`, an original single-file "
                         "checkpoint (.safetensors or .ckpt), or a diffusers folder. Without it: the demo model "
@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="classifier-free guidance scale; ≤ 1 turns it off")
     p.add_argument("--seed", type=comma_list(int), default="0", metavar="SEED[,SEED…]",
                    help="seed of the starting noise (drawn on the CPU, as diffusers does); -1 draws one at random, "
-                        "prints it and records it in the PNG")
+                        "prints it and records it in the PNG (in a list, write --seed=-1,-1,-1)")
     p.add_argument("--width", type=int, help="image width, a multiple of 8 (default 512; the demo model's 64)")
     p.add_argument("--height", type=int, help="image height, a multiple of 8 (default 512; the demo model's 64)")
     p.add_argument("--num-images", type=int, default=1, help="images to generate; several are written as OUT-0.png, OUT-1.png, …")
@@ -102,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "beside it as OUT-<option><value>.png")
     p.add_argument("--from-png", type=Path, metavar="FILE",
                    help="run again the command that made FILE (a PNG written by this command), for the same bits on "
-                        "the same device; options given besides it override the recorded ones (repeatable ones add)")
+                        "the same device; options given besides it override the recorded ones (repeatable ones such as "
+                        "--lora and --image add to them)")
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--dtype", choices=sorted(DTYPES),
@@ -275,7 +276,12 @@ def sweep_paths(out: Path, sweep: Sweep, count: int) -> list[list[Path]]:
         raise ValueError("--num-images makes several images of one setting: with comma lists each cell of the grid "
                          "is one image (list several --seed values instead)")
     output_paths(out, 1)
-    return [[out.with_name(f"{out.stem}{cell.suffix()}{out.suffix}")] for cell in sweep.cells()]
+    paths = [[out.with_name(f"{out.stem}{cell.suffix()}{out.suffix}")] for cell in sweep.cells()]
+    names = [p for [p] in paths]
+    twice = next((p for p in names if names.count(p) > 1), None)
+    if twice is not None:
+        raise ValueError(f"two images of the sweep would both be {twice}: give each value of a comma list once")
+    return paths
 
 
 def draw_seeds(args: argparse.Namespace) -> None:
@@ -338,7 +344,8 @@ def validate(args: argparse.Namespace, groups: list[argparse.Namespace] | None =
     if not 0 <= args.clip_skip < 12:
         raise ValueError(f"--clip-skip must be in [0, 11], got {args.clip_skip}")
     paths = sweep_paths(args.out, sweep, args.num_images)
-    existing = [p for p in [*sum(paths, []), *([args.out] if sweep else [])] if p.exists()]
+    saved = [g.save_embeds for g in groups if g.ip_adapter and g.save_embeds is not None]
+    existing = [p for p in [*sum(paths, []), *([args.out] if sweep else []), *saved] if p.exists()]
     if existing and not args.force:
         raise ValueError(f"{existing[0]} already exists (pass --force to overwrite it)")
     return paths
@@ -382,6 +389,8 @@ def validate_image_prompt(group: argparse.Namespace, width: int, height: int) ->
                          " too (or --embeds)")
     if group.embeds is not None and group.image:
         raise ValueError("--embeds replaces --image: give one or the other")
+    if group.embeds is not None and group.save_embeds is not None:
+        raise ValueError("--save-embeds writes the embeddings of --image: with --embeds they are already saved")
     group.scale = 1.0 if group.scale is None else group.scale
     validate_scale(group, group.scale)
     for flag, path in (("--ip-adapter", group.ip_adapter), ("--image-encoder", group.image_encoder),
@@ -396,7 +405,7 @@ def validate_image_prompt(group: argparse.Namespace, width: int, height: int) ->
             raise ValueError(f"--image-mask: {len(group.image_mask)} masks for {len(group.image or [])} images; give "
                              "one mask per --image")
         for path in group.image_mask:
-            mask = open_image(path, "--image-mask")
+            mask = open_mask(path, "--image-mask")
             if mask.width * height != mask.height * width:
                 raise ValueError(f"--image-mask {path} is {mask.width}×{mask.height}, not of the output's aspect "
                                  f"({width}×{height}): it would be stretched")
@@ -432,7 +441,8 @@ def validate_editing(args: argparse.Namespace) -> None:
         raise ValueError(f"--strength must be in (0, 1], got {args.strength}")
     if args.mask_crop is not None and args.mask_crop < 0:
         raise ValueError(f"--mask-crop must be 0 or more pixels, got {args.mask_crop}")
-    images = {flag: open_image(path, flag) for flag, path in (("--init-image", args.init_image), ("--mask", args.mask))
+    images = {flag: read(path, flag) for read, flag, path in ((open_image, "--init-image", args.init_image),
+                                                               (open_mask, "--mask", args.mask))
               if path is not None}  # a missing or unreadable file fails before any loading
     if args.mask_crop is not None and images["--mask"].size != images["--init-image"].size:
         raise ValueError(f"--mask-crop: the mask ({'×'.join(map(str, images['--mask'].size))}) must be the size of "
@@ -483,30 +493,9 @@ def validate_controls(args: argparse.Namespace) -> list[tuple[str, Path, Image.I
             for _, path in pairs]
 
 
-def parse_lora(text: str) -> tuple[Path, float]:
-    """``--lora FILE[:WEIGHT]``: the weight is what follows the last ':' when that is a number, or
-    when FILE alone does not exist (then it must be one)."""
-    path, colon, weight = text.rpartition(":")
-    if not colon or (Path(text).exists() and not _is_number(weight)):
-        return Path(text), 1.0
-    if not _is_number(weight):
-        raise ValueError(f"--lora {text}: the weight after ':' must be a number")
-    if not math.isfinite(float(weight)):
-        raise ValueError(f"--lora {text}: the weight after ':' must be a finite number")
-    return Path(path), float(weight)
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
 def validate_loras_and_vae(args: argparse.Namespace) -> None:
     """``args.loras``: (file, weight) pairs from --lora; the files and --vae exist."""
-    args.loras = [parse_lora(text) for text in args.lora or []]
+    args.loras = [lora_argument(text) for text in args.lora or []]
     for path, _ in args.loras:
         if not path.exists():
             raise ValueError(f"--lora {path}: no such file")
@@ -524,7 +513,7 @@ def save_png(image, path: Path, parameters: str, overwrite: bool, run: str | Non
     write_atomically(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info), overwrite)
 
 
-def image_prompts(groups: list[argparse.Namespace], adapters, encoders) -> list[ImagePromptInput]:
+def image_prompts(groups: list[argparse.Namespace], adapters, encoders, overwrite: bool) -> list[ImagePromptInput]:
     """Each group's image prompt, with its adapter and encoder loaded; --save-embeds written."""
     prompts = []
     for group, adapter, encoder in zip(groups, adapters, encoders):
@@ -538,12 +527,12 @@ def image_prompts(groups: list[argparse.Namespace], adapters, encoders) -> list[
             negatives = [negative_noise(*group.noise, image=images[0] if images else None, size=size)]
         prompt = ImagePromptInput(
             adapter, encoder, images, group.scale, group.weight_type, group.composition_weight,
-            [open_image(p, "--image-mask") for p in group.image_mask] if group.image_mask else None, group.start,
+            [open_mask(p, "--image-mask") for p in group.image_mask] if group.image_mask else None, group.start,
             group.end, "sigmas" if group.sigma_range else "steps", group.embeds_scaling, group.image_combine, negatives,
             read_image_embeds(group.embeds, adapter.spec) if group.embeds else None, crop=not group.no_crop)
         prompt = replace(prompt, features=prompt.encoded())  # encoded once for every image of a sweep
         if group.save_embeds is not None:
-            save_image_embeds(group.save_embeds, prompt.features, adapter.spec, encoder.config.name, overwrite=True)
+            save_image_embeds(group.save_embeds, prompt.features, adapter.spec, encoder.config.name, overwrite)
             print(f"wrote {group.save_embeds}")
         prompts.append(prompt)
     return prompts
@@ -567,7 +556,7 @@ def load_models(args: argparse.Namespace, groups: list[argparse.Namespace]):
     sd, adapters, encoders = load_image_prompt_models(
         args.model, [g.ip_adapter for g in groups], [None if g.embeds else g.image_encoder for g in groups],
         device, dtype, args.loras, args.vae)
-    return sd, controls, image_prompts(groups, adapters, encoders)
+    return sd, controls, image_prompts(groups, adapters, encoders, args.force)
 
 
 def generate(sd: StableDiffusion, controls, prompts: list[ImagePromptInput], args: argparse.Namespace,
@@ -581,7 +570,7 @@ def generate(sd: StableDiffusion, controls, prompts: list[ImagePromptInput], arg
     return sd(args.prompt, args.negative_prompt, steps=args.steps, guidance=args.guidance, seed=args.seed,
               width=args.width, height=args.height, num_images=args.num_images, clip_skip=args.clip_skip,
               init_image=args.init_image and open_image(args.init_image, "--init-image"), strength=args.strength,
-              mask=args.mask and open_image(args.mask, "--mask"), mask_crop=args.mask_crop, controls=controls,
+              mask=args.mask and open_mask(args.mask, "--mask"), mask_crop=args.mask_crop, controls=controls,
               hook=hook, sampler=args.sampler, eta=args.eta or 0.0, long_prompt=args.long_prompt,
               progress=not args.no_progress)
 

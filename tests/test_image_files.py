@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageCms
 
-from ipadapter_min.image_files import open_image
+from ipadapter_min.image_files import open_image, open_mask
 
 RED, GREEN, BLUE, WHITE, BLACK = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255), (0, 0, 0)
 
@@ -233,20 +233,19 @@ def test_missing_and_unreadable_files(tmp_path):
         assert "\n" not in str(caught.value)
 
 
-@pytest.mark.parametrize("flag", ["--mask", "--image-mask"])
-def test_a_mask_with_transparency_is_its_alpha(tmp_path, flag):
+def test_a_mask_with_transparency_is_its_alpha(tmp_path):
     """Strokes painted on a transparent layer are the mask whatever their colour (AUTOMATIC1111's
     create_binary_mask): flattening onto white would mark the unpainted part instead."""
     for colour in (WHITE, BLACK):
         mask = Image.new("RGBA", (8, 6), (0, 0, 0, 0))
         mask.putpixel((0, 0), (*colour, 255))
         mask.save(tmp_path / "mask.png")
-        image = open_image(tmp_path / "mask.png", flag)
+        image = open_mask(tmp_path / "mask.png")
         assert image.mode == "RGB" and image.getpixel((0, 0)) == WHITE and image.getpixel((1, 0)) == BLACK
     opaque = Image.new("RGBA", (8, 6), (0, 0, 0, 255))
     opaque.putpixel((0, 0), (255, 255, 255, 255))
     opaque.save(tmp_path / "opaque.png")
-    image = open_image(tmp_path / "opaque.png", flag)
+    image = open_mask(tmp_path / "opaque.png")
     assert image.getpixel((0, 0)) == WHITE and image.getpixel((1, 0)) == BLACK
 
 

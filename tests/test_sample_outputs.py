@@ -69,6 +69,8 @@ def test_from_png_makes_the_same_bits_from_anywhere(reference, tmp_path, monkeyp
     first = tmp_path / "here" / "first.png"
     assert sample.main(["--from-png", str(first), "--out", "again.png", "--no-progress"]) == 0
     assert pixels("again.png") == pixels(first)
+    assert sample.main(["--from-png", str(first), "--out", "again2.png", "--no-progress"]) == 0
+    assert open("again.png", "rb").read() == open("again2.png", "rb").read()  # metadata included
     assert sample.main(["--from-png", str(first), "--seed", "12", "--out", "other.png", "--no-progress"]) == 0
     assert pixels("other.png") != pixels(first)  # the options given with it override the recorded ones
     assert a1111.parse(Image.open("other.png").text["parameters"])["Seed"] == "12"
@@ -134,6 +136,7 @@ def test_sampler_and_guidance_lists(tmp_path):
     (["--seed", "1,2", "--num-images", "2"], "--num-images"),
     (["--seed", "1,2", "--eta", "0.5", "--sampler", "ddim,euler"], "--eta applies to --sampler ddim only"),
     (["--seed", "-2"], "--seed must be in [0, 2**64) or -1"),
+    (["--seed", "1,1"], "two images of the sweep would both be"),
 ])
 def test_bad_lists_are_refused_before_loading(tmp_path, capsys, extra, message):
     assert sample.main(["--prompt", "a", "--out", str(tmp_path / "x.png"), *extra]) == 2
@@ -168,3 +171,11 @@ def test_long_prompt_flag_reaches_the_pipeline(tmp_path, caplog):
     assert run("--prompt", prompt, "--long-prompt", "chunk", "--out", str(tmp_path / "chunked.png")) == 0
     assert pixels(tmp_path / "cut.png") != pixels(tmp_path / "chunked.png")
     assert a1111.parse(Image.open(tmp_path / "chunked.png").text["parameters"])["Long prompt"] == "chunk"
+
+
+def test_shortened_flags_are_refused(tmp_path, capsys):
+    """A shortened --from would be taken for --from-png by argparse and never expanded, and a
+    shortened path flag would escape the record's absolute paths."""
+    with pytest.raises(SystemExit):
+        sample.main(["--from", str(tmp_path / "x.png")])
+    assert "unrecognized arguments: --from" in capsys.readouterr().err

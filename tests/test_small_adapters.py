@@ -189,6 +189,9 @@ def test_saved_embeds_give_the_same_image_without_the_encoder(world, trained, tm
     (["--ip-adapter", "{a}", "--embeds", "{x}"], "made for a plus adapter"),
     (["--ip-adapter", "{a}", "--image-encoder", "{e}", "--image", "{i}", "--image-mask", "{w}"],
      "not of the output's aspect"),
+    (["--ip-adapter", "{a}", "--image-encoder", "{e}", "--image", "{i}", "--save-embeds", "{x}"],
+     "plus-embeds.safetensors already exists (pass --force"),
+    (["--ip-adapter", "{a}", "--embeds", "{x}", "--save-embeds", "{x}"], "with --embeds they are already saved"),
 ])
 def test_bad_image_prompt_groups_are_refused_in_one_line(world, trained, tmp_path, capsys, extra, message):
     from ipadapter_min.configs import AdapterSpec

@@ -218,3 +218,24 @@ def check_shapes(path: Path, ours: str, shape: torch.Size, down_key: str, down: 
     if up.dim() not in (2, 4) or up.shape[0] != outputs or up.shape[1] != rank or any(n != 1 for n in up.shape[2:]):
         raise CheckpointError(f"{path}: key {up_key!r} has shape {list(up.shape)}, expected [{outputs}, {rank}"
                               f"{', 1, 1' if up.dim() == 4 else ''}] for {ours} (weight {list(shape)}) at rank {rank}")
+
+
+def lora_argument(text: str) -> tuple[Path, float]:
+    """``--lora FILE[:WEIGHT]``: the weight is what follows the last ':' when that is a number, or
+    when FILE alone does not exist (then it must be one)."""
+    path, colon, weight = text.rpartition(":")
+    if not colon or (Path(text).exists() and not _is_number(weight)):
+        return Path(text), 1.0
+    if not _is_number(weight):
+        raise ValueError(f"--lora {text}: the weight after ':' must be a number")
+    if not math.isfinite(float(weight)):
+        raise ValueError(f"--lora {text}: the weight after ':' must be a finite number")
+    return Path(path), float(weight)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True

@@ -1,5 +1,5 @@
 """DDIM (Song et al., 2021): SD1.5's default sampler, as diffusers' DDIMScheduler with the release's
-settings ("leading" timesteps with steps_offset 1, so 30 steps visit 967, 934, …, 1; the step past
+settings ("leading" timesteps with steps_offset 1, so 30 steps visit 958, 925, …, 1; the step past
 t = 0 uses ᾱ_0, set_alpha_to_one False).
 
 η = 0 (the default) is deterministic: each step predicts x_0 and moves to the next timestep along

@@ -7,8 +7,8 @@
     ipadapter_min models                      unet, vae, text_encoder, ip_adapter, cfg (batch rows), controlnet, ...
     ipadapter_min.loading                     formats → checked models
     ipadapter_min.pipeline, ip_pipeline       generation, editing; training (recipe, data); CLIP scores
-    ipadapter_min.sample, train, evaluate,    command lines; the demo world, whose stages run them
-      demo, weights_convert
+    ipadapter_min.sample, train, evaluate,    command lines (and what they write: PNG metadata, sweeps);
+      demo, weights_convert                   the demo world, whose stages run them
     benchmarks                                measurements
 
 The graph is read from the source (every ``import``, also inside functions), so a lazy import
@@ -28,12 +28,15 @@ LAYERS = [
      "ipadapter_min.tokenizer", "ipadapter_min.samplers.*", "ipadapter_min.image_encoder",
      "ipadapter_min.image_projection",
      "ipadapter_min.ip_adapter", "ipadapter_min.cfg", "ipadapter_min.controlnet", "ipadapter_min.t2i_adapter",
-     "ipadapter_min.image_processing", "ipadapter_min.negative_noise"},
+     "ipadapter_min.image_processing", "ipadapter_min.image_files", "ipadapter_min.negative_noise",
+     "ipadapter_min.long_prompts"},
     {"ipadapter_min.loading"},
     {"ipadapter_min.pipeline", "ipadapter_min.ip_pipeline", "ipadapter_min.training", "ipadapter_min.training_data",
      "ipadapter_min.training_cache", "ipadapter_min.training_checkpoint", "ipadapter_min.clip_score",
      "ipadapter_min.editing"},
-    {"ipadapter_min.sample", "ipadapter_min.image_prompt_args", "ipadapter_min.train", "ipadapter_min.evaluate", "ipadapter_min.demo.*", "weights_convert.*"},
+    {"ipadapter_min.sample", "ipadapter_min.image_prompt_args", "ipadapter_min.png_parameters", "ipadapter_min.rerun",
+     "ipadapter_min.sweeps", "ipadapter_min.train", "ipadapter_min.evaluate", "ipadapter_min.demo.*",
+     "weights_convert.*"},
     {"benchmarks.*"},
 ]
 

@@ -7,7 +7,8 @@ weight λ. (One softmax over the concatenated tokens is a different method.)
 
 Importing this module does not import triton: the fused kernel lives in
 ``kernels.triton_decoupled_attention`` and is imported on first CUDA use (or first direct
-call of :func:`decoupled_attention_triton`).
+call of :func:`decoupled_attention_triton`); that module also registers it as PyTorch
+operators for torch.compile.
 """
 from __future__ import annotations
 
@@ -66,31 +67,62 @@ def decoupled_attention_triton(q: torch.Tensor, k_text: torch.Tensor, v_text: to
     return mod.decoupled_attention_triton(q, k_text, v_text, k_image, v_image, scale, config=config)
 
 
+_FUSED_DEVICES: dict[torch.device, bool] = {}
+
+
+def _fused_device(device: torch.device) -> bool:
+    """CUDA on sm_80 or newer with triton importable. Block sizes are compile-checked for
+    sm_80/86/90; older GPUs (T4, V100) use SDPA. Asked once per device, since the capability
+    query costs microseconds per call; a constant to torch.compile (below)."""
+    fused = _FUSED_DEVICES.get(device)
+    if fused is None:
+        fused = (device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+                 and _triton() is not None)
+        _FUSED_DEVICES[device] = fused
+    return fused
+
+
+# What torch.compiler.assume_constant_result(_fused_device) does, without the import of
+# torch._dynamo it makes (seconds, and triton with it) on `import kernels`: dynamo calls the
+# function while tracing instead of tracing into torch.cuda's query and triton's import.
+_fused_device._dynamo_marked_constant = True
+
+
 def _fused_kernel_applies(q, k_text, v_text, k_image, v_image, scale) -> bool:
-    """CUDA on sm_80 or newer, kernel-supported shapes/dtypes, no gradient needed, triton importable."""
-    ts = (q, k_text, v_text, k_image, v_image)
-    if isinstance(scale, torch.Tensor):
-        if scale.numel() != 1:
-            return False
-        ts_grad = ts + (scale,)
-    else:
-        ts_grad = ts
-    if not all(t.is_cuda and t.device == q.device and t.dtype == q.dtype and t.dim() == 4 for t in ts):
+    """An sm_80+ GPU, kernel-supported shapes/dtypes, no gradient needed. Plain loops and
+    unpacking: this runs on every call, around kernels of ~10 µs."""
+    device, dtype = q.device, q.dtype
+    if not _fused_device(device) or dtype not in (torch.float16, torch.bfloat16, torch.float32) or q.dim() != 4:
         return False
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+    grad = torch.is_grad_enabled()
+    if isinstance(scale, torch.Tensor) and (scale.numel() != 1 or (grad and scale.requires_grad)):
         return False
-    if torch.cuda.get_device_capability(q.device) < (8, 0):
-        return False  # block sizes compile-checked for sm_80/86/90; older GPUs (T4, V100) use SDPA
-    if torch.is_grad_enabled() and any(t.requires_grad for t in ts_grad):
-        return False  # the kernel has no backward; training goes through SDPA
     B, H, _, D = q.shape
-    if not 0 < D <= 256:
+    if not 0 < D <= 256 or q.stride(3) != 1 or (grad and q.requires_grad):
         return False
-    if any(t.shape[0] != B or t.shape[1] != H or t.shape[3] != D or t.stride(3) != 1 for t in ts):
-        return False  # broadcasting, Ev != E, or a strided head dim: SDPA handles these
-    if k_text.shape[2] == 0 or k_text.shape[2] != v_text.shape[2] or k_image.shape[2] != v_image.shape[2]:
-        return False
-    return _triton() is not None
+    for t in (k_text, v_text, k_image, v_image):
+        if t.device != device or t.dtype != dtype or t.dim() != 4 or t.stride(3) != 1:
+            return False  # a strided head dim: SDPA handles it
+        b, h, _, d = t.shape
+        if b != B or h != H or d != D:
+            return False  # broadcasting, or Ev != E: SDPA handles these
+        if grad and t.requires_grad:
+            return False  # the kernel has no backward; training goes through SDPA
+    return 0 < k_text.shape[2] == v_text.shape[2] and k_image.shape[2] == v_image.shape[2]
+
+
+def _fused(q, k_text, v_text, k_image, v_image, scale) -> torch.Tensor:
+    """The fused kernel for a call the dispatch has checked. Eagerly: its launcher, unchecked
+    (``launch``), since the dispatcher's round trip of a custom operator costs more host time
+    than the kernel runs. Under torch.compile: the operator ``ipadapter_min::decoupled_attention``
+    (or ``…_tensor_scale``), one opaque node with a fake implementation, as dynamo cannot trace
+    the launcher."""
+    mod = _triton_module
+    if torch.compiler.is_compiling():
+        if isinstance(scale, torch.Tensor):
+            return mod.decoupled_attention_tensor_scale_op(q, k_text, v_text, k_image, v_image, scale)
+        return mod.decoupled_attention_op(q, k_text, v_text, k_image, v_image, float(scale))
+    return mod.launch(q, k_text, v_text, k_image, v_image, scale)
 
 
 def decoupled_attention(q: torch.Tensor, k_text: torch.Tensor, v_text: torch.Tensor,
@@ -121,6 +153,10 @@ def decoupled_attention(q: torch.Tensor, k_text: torch.Tensor, v_text: torch.Ten
         (one read of Q, one write of O; the result keeps q's memory layout).
       * anything else — CPU, autograd, unsupported dtype / shape / broadcasting:
         :func:`decoupled_attention_reference`, ``sdpa + scale * sdpa`` in diffusers' order.
+
+    Under torch.compile the same dispatch runs while tracing (its checks read only shapes,
+    strides, dtypes and devices, which dynamo guards on) and the fused kernel becomes the
+    custom operator ``torch.ops.ipadapter_min.decoupled_attention``: no graph break.
     """
     if k_image is None or k_image.shape[-2] == 0:
         if v_image is not None and k_image is not None and v_image.shape[-2] != 0:
@@ -131,7 +167,7 @@ def decoupled_attention(q: torch.Tensor, k_text: torch.Tensor, v_text: torch.Ten
     if not isinstance(scale, torch.Tensor) and scale == 0:
         return F.scaled_dot_product_attention(q, k_text, v_text)
     if _fused_kernel_applies(q, k_text, v_text, k_image, v_image, scale):
-        return _triton_module.decoupled_attention_triton(q, k_text, v_text, k_image, v_image, scale)
+        return _fused(q, k_text, v_text, k_image, v_image, scale)
     return decoupled_attention_reference(q, k_text, v_text, k_image, v_image, scale)
 
 
@@ -159,5 +195,9 @@ def decoupled_attention_branches(q: torch.Tensor, k_text: torch.Tensor, v_text: 
         return F.scaled_dot_product_attention(q, k_text, v_text)
     if all(_fused_kernel_applies(q, k_text, v_text, k, v, scale) and not isinstance(scale, torch.Tensor)
            for k, v, scale, _ in branches):
+        if torch.compiler.is_compiling():  # as in _fused: an opaque operator node
+            ks, vs, scales, masks = zip(*branches)
+            return _triton_module.decoupled_attention_branches_op(q, k_text, v_text, list(ks), list(vs),
+                                                                  [float(s) for s in scales], list(masks))
         return _triton_module.decoupled_attention_branches_triton(q, k_text, v_text, branches)
     return decoupled_attention_branches_reference(q, k_text, v_text, branches)

@@ -20,12 +20,14 @@ vectorised. Every tl.dot dimension is ≥ 16 (the GPU rejects smaller ones; the 
 does not).
 
 This module imports triton at import time; ``kernels.decoupled_attention`` imports it only
-on first use. Nothing here touches ``triton.runtime.driver.active`` or autotuning, so it
-also runs under ``TRITON_INTERPRET=1`` on CPU tensors (fp32 and fp16; bf16 is silently wrong
-in the interpreter).
+on first use. Importing it also registers the launchers as PyTorch operators for
+torch.compile (``torch.ops.ipadapter_min.*``, at the end of the file). Nothing here touches
+``triton.runtime.driver.active`` or autotuning, so it also runs under ``TRITON_INTERPRET=1`` on
+CPU tensors (fp32 and fp16; bf16 is silently wrong in the interpreter).
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -149,7 +151,7 @@ class KernelConfig:
 
 
 def _pow2_at_least_16(n: int) -> int:
-    return max(16, triton.next_power_of_2(max(int(n), 1)))
+    return max(16, 1 << (max(int(n), 1) - 1).bit_length())  # triton.next_power_of_2, without its µs of wrapping
 
 
 # (BLOCK_M, largest key block, num_warps, num_stages) per padded head dim. Half-precision
@@ -162,12 +164,14 @@ _HALF_CONFIGS = {64: (128, 64, 8, 2), 128: (64, 64, 4, 2), 256: (64, 32, 8, 2)}
 _FP32_CONFIGS = {64: (64, 32, 8, 1), 128: (32, 16, 8, 1), 256: (16, 16, 8, 1)}
 
 
+@functools.cache
 def default_config(head_dim: int, len_t: int, len_i: int, dtype: torch.dtype = torch.float16) -> KernelConfig:
     """Fixed block sizes per dtype and padded head dim (tables above).
 
     Key blocks are as small as the key count allows (≥ 16 for tl.dot): 4 or 16 image tokens
     use a 16-wide block, not a mostly masked 64-wide one. These are reasoned and
     compile-checked, not timed; re-tune with ``python -m benchmarks.attention --tune`` on a GPU.
+    Cached: working it out costs more host time than an SD1.5 layer's kernel runs.
     """
     block_d = max(64, _pow2_at_least_16(head_dim))
     table = _FP32_CONFIGS if dtype == torch.float32 else _HALF_CONFIGS
@@ -182,17 +186,24 @@ def default_config(head_dim: int, len_t: int, len_i: int, dtype: torch.dtype = t
 
 
 def _alignment(tensors, element_size: int) -> int:
-    """Largest ALIGN (a power of two, at most 16 bytes' worth of elements) dividing every
-    base address and every batch/head/row stride of ``tensors`` (strides of size-1 dims
-    are never multiplied by anything but 0, so they do not count)."""
-    align = max(1, 16 // element_size)
-    while align > 1:
-        ok = all(t.data_ptr() % (align * element_size) == 0 for t in tensors) and all(
-            s % align == 0 for t in tensors for s, n in zip(t.stride()[:3], t.shape[:3]) if n > 1)
-        if ok:
-            return align
-        align //= 2
-    return 1
+    """Largest ALIGN (a power of two, at most 16 bytes' worth of elements) such that ALIGN
+    elements divide every base address and every batch/head/row stride of ``tensors``
+    (strides of size-1 dims are never multiplied by anything but 0, so they do not count).
+    In bytes that is the lowest set bit of all of them OR-ed together: one pass, no trials,
+    unrolled, since it runs on every launch."""
+    ptrs = strides = 0
+    for t in tensors:
+        ptrs |= t.data_ptr()
+        (s0, s1, s2, _), (n0, n1, n2, _) = t.stride(), t.shape
+        if n0 > 1:
+            strides |= s0
+        if n1 > 1:
+            strides |= s1
+        if n2 > 1:
+            strides |= s2
+    bits = ptrs | strides * element_size  # element_size is a power of two: OR commutes with the shift
+    most = max(1, 16 // element_size)
+    return max(1, min(most, (bits & -bits) // element_size)) if bits else most
 
 
 MAX_HEAD_DIM = 256
@@ -233,9 +244,9 @@ def _output_like(q: torch.Tensor) -> torch.Tensor:
     return out if out.stride(3) == 1 else torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
 
-def _row_strides(*tensors: torch.Tensor) -> tuple[int, ...]:
+def _row_strides(*tensors: torch.Tensor) -> list[int]:
     """The batch, head and row strides of each tensor, in the kernels' argument order."""
-    return tuple(s for t in tensors for s in t.stride()[:3])
+    return [s for t in tensors for s in t.stride()[:3]]
 
 
 def _launch(kernel, grid, q: torch.Tensor, args: tuple, kwargs: dict) -> None:
@@ -257,6 +268,13 @@ def decoupled_attention_triton(q, k_text, v_text, k_image, v_image, scale=1.0,
     TRITON_INTERPRET=1). ``scale`` is λ: a Python number or a 0-dim tensor (read on the
     device, no host sync). No autograd."""
     check_inputs(q, k_text, v_text, k_image, v_image)
+    return launch(q, k_text, v_text, k_image, v_image, scale, config)
+
+
+def launch(q, k_text, v_text, k_image, v_image, scale=1.0, config: KernelConfig | None = None) -> torch.Tensor:
+    """:func:`decoupled_attention_triton` without :func:`check_inputs`, for a caller that has
+    checked as much already (``kernels.decoupled_attention``'s dispatch): the checks cost host
+    time on every call, more than an SD1.5 layer's kernel runs."""
     B, H, Lq, D = q.shape
     Lt, Li = k_text.shape[2], k_image.shape[2]
     cfg = config or default_config(D, Lt, Li, q.dtype)
@@ -276,7 +294,7 @@ def decoupled_attention_triton(q, k_text, v_text, k_image, v_image, scale=1.0,
 
     tensors = (q, k_text, v_text, k_image, v_image, out)
     align = _alignment(tensors, q.element_size())
-    grid = (triton.cdiv(Lq, cfg.block_m) * B * H,)
+    grid = ((Lq + cfg.block_m - 1) // cfg.block_m * B * H,)
     args = (*tensors, lam, *_row_strides(*tensors), H, Lq, Lt, Li, _LOG2E / math.sqrt(D))
     kwargs = dict(
         HEAD_DIM=D, BLOCK_D=_pow2_at_least_16(D), BLOCK_M=cfg.block_m,
@@ -374,3 +392,42 @@ def decoupled_attention_branches_triton(q, k_text, v_text, branches, config: Ker
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     _launch(_decoupled_attention_branches_kernel, grid, q, args, kwargs)
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The launchers as PyTorch operators, for torch.compile: dynamo cannot trace a launcher (it
+# reads data_ptr(), builds Triton's arguments), so a compiled graph holds one opaque node per
+# call instead, and FakeTensor tracing gets the output from the fake implementation: q's shape,
+# dtype and memory layout, what ``_output_like`` gives the real one. One operator per form of
+# λ (an operator's schema has one type per argument): a float, or a 0-dim tensor read on the
+# device. Eager calls (``kernels.decoupled_attention``) launch directly and skip the
+# dispatcher's round trip, which costs more host time than the kernel runs.
+
+
+@torch.library.custom_op("ipadapter_min::decoupled_attention", mutates_args=())
+def decoupled_attention_op(q: torch.Tensor, k_text: torch.Tensor, v_text: torch.Tensor, k_image: torch.Tensor,
+                           v_image: torch.Tensor, scale: float) -> torch.Tensor:
+    return decoupled_attention_triton(q, k_text, v_text, k_image, v_image, scale)
+
+
+@torch.library.custom_op("ipadapter_min::decoupled_attention_tensor_scale", mutates_args=())
+def decoupled_attention_tensor_scale_op(q: torch.Tensor, k_text: torch.Tensor, v_text: torch.Tensor,
+                                        k_image: torch.Tensor, v_image: torch.Tensor,
+                                        scale: torch.Tensor) -> torch.Tensor:
+    return decoupled_attention_triton(q, k_text, v_text, k_image, v_image, scale)
+
+
+@torch.library.custom_op("ipadapter_min::decoupled_attention_branches", mutates_args=())
+def decoupled_attention_branches_op(q: torch.Tensor, k_text: torch.Tensor, v_text: torch.Tensor,
+                                    k_images: list[torch.Tensor], v_images: list[torch.Tensor], scales: list[float],
+                                    masks: list[torch.Tensor | None]) -> torch.Tensor:
+    """:func:`decoupled_attention_branches_triton` with the branches as four parallel lists."""
+    return decoupled_attention_branches_triton(q, k_text, v_text, list(zip(k_images, v_images, scales, masks)))
+
+
+def _fake_output(q: torch.Tensor, *args) -> torch.Tensor:
+    return _output_like(q)
+
+
+for _op in (decoupled_attention_op, decoupled_attention_tensor_scale_op, decoupled_attention_branches_op):
+    _op.register_fake(_fake_output)

@@ -106,7 +106,9 @@ def diffusers_results(request, full, vit_h_reference, adapter, reference_image) 
             if kind == "image-prompt":
                 pipe.load_ip_adapter(str(adapter.parent), subfolder="", weight_name=adapter.name)
                 pipe.set_ip_adapter_scale(SCALE)
-                image_prompt = {"ip_adapter_image": reference_image}
+                # encoded once for every sampler: what the pipeline does with ip_adapter_image
+                embeds = pipe.prepare_ip_adapter_image_embeds(reference_image, None, torch.device("cpu"), 1, True)
+                image_prompt = {"ip_adapter_image_embeds": embeds}
             for name, k in cases:
                 if k == kind:
                     trace.clear()
@@ -130,6 +132,7 @@ def our_results(request, full, vit_h_reference, adapter, reference_image, diffus
     sd = StableDiffusion(models["unet"], models["vae"], models["text_encoder"])
     del models
     pipe = IPAdapterPipeline(sd, load_ip_adapter(adapter), load_image_encoder(vit_h_reference.folder))
+    tokens = pipe.image_tokens([reference_image])  # encoded once for every sampler
     cases = selected_cases(request, ours=True)
     cases += [(name, "text") for name, kind in cases if kind == "image-prompt" and (name, "text") not in cases]
     cases += [("ddim", kind) for kind in KINDS if any(k == kind for _, k in cases)]
@@ -149,9 +152,9 @@ def our_results(request, full, vit_h_reference, adapter, reference_image, diffus
             if kind == "text":
                 out = pipe.sd(PROMPT, **common)[0]
             else:
-                out = pipe(PROMPT, [reference_image], scale=SCALE, **common)[0]
+                out = pipe.sd(PROMPT, hook=pipe.adapter.hook(*tokens, SCALE), **common)[0]
             results[name, kind] = pixels(out), len(draws)
-    del sd, pipe
+    del sd, pipe, tokens
     gc.collect()
     return results
 

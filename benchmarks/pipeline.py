@@ -375,8 +375,11 @@ def diffusers_version() -> str | None:
 
 
 def git_commit() -> str | None:
-    result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).resolve().parent)
+    try:
+        result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).resolve().parent)
+    except OSError:  # no git
+        return None
     return result.stdout.strip() if result.returncode == 0 else None
 
 
@@ -424,7 +427,9 @@ def main(argv=None) -> dict:
 
     weights, adapter = make_weights(workdir, SIZES[args.size], version is not None)
     result["weights"] = str(weights)
-    if args.loading_repeats:
+    if not Path("/proc/self/clear_refs").exists():
+        result["loading"] = "skipped: benchmarks.loading reads peak memory from /proc/self/clear_refs (Linux)"
+    elif args.loading_repeats:
         print(f"\nloading ({loading.__name__}, best of {args.loading_repeats} fresh processes per format):")
         result["loading"] = loading_figures(weights, workdir, args.loading_repeats, version is not None,
                                             args.size == "full")

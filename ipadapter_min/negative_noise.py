@@ -16,10 +16,16 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torchvision.transforms as T
 from PIL import Image
 
 KINDS = ("fade", "dissolve", "gaussian", "shuffle")
+
+
+def transforms():
+    """torchvision's transforms, imported when a noise is made: importing torchvision takes about
+    1.7 s, which every run of the sample command would otherwise pay."""
+    import torchvision.transforms
+    return torchvision.transforms
 
 
 def square_pixels(image: Image.Image | None, size: int) -> torch.Tensor:
@@ -28,6 +34,7 @@ def square_pixels(image: Image.Image | None, size: int) -> torch.Tensor:
     if image is None:
         return torch.zeros(1, size, size, 3)
     pixels = torch.from_numpy(np.asarray(image.convert("RGB")).astype(np.float32) / 255.0)[None]
+    T = transforms()
     resize = T.Compose([T.CenterCrop(min(pixels.shape[1], pixels.shape[2])),
                         T.Resize((size, size), interpolation=T.InterpolationMode.BICUBIC, antialias=True)])
     return resize(pixels.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
@@ -41,7 +48,7 @@ def negative_noise(kind: str, strength: float, image: Image.Image | None = None,
         raise ValueError(f"unknown negative noise {kind!r}; expected one of: {', '.join(KINDS)}")
     if not 0 <= strength <= 1:
         raise ValueError(f"noise strength must be in [0, 1], got {strength}")
-    pixels = square_pixels(image, size)
+    pixels, T = square_pixels(image, size), transforms()
     with torch.random.fork_rng(devices=[]):  # the global generator, as torchvision's transforms draw from it
         torch.manual_seed(int(torch.sum(pixels).item()) % 1000000007)
         if kind == "fade":

@@ -2,11 +2,23 @@
 
     out = softmax(Q K_tᵀ/√d) V_t + λ · softmax(Q K_iᵀ/√d) V_i
 
-One program owns BLOCK_M query rows of one (batch, head). It loads those rows of Q once,
-runs an online softmax over the text keys, then a second, independent online softmax over
-the image keys (two (m, l, acc) states: two normalizers, not one softmax over both key sets),
-and writes acc_t/l_t + λ·acc_i/l_i to O once. Logits and accumulators are fp32; O has q's
-dtype.
+One program owns BLOCK_M query rows of one (batch, head). It loads those rows of Q once and
+writes O once; in between:
+
+- the text keys go through an online softmax in full BLOCK_NT-wide tiles with no key mask,
+  then, if BLOCK_NT does not divide their number, one masked tail tile only as wide as the
+  remainder needs (77 keys: 64 + a 16-wide tail, not two masked 64-wide tiles). The result,
+  normalised (acc_t / l_t), becomes the output accumulator;
+- image tokens that fit one BLOCK_NI tile (4 and 16 tokens, the common adapters) get one
+  exact softmax over that tile, with no running max or rescaling; its normaliser and λ are
+  folded into P, so P·V accumulates straight into the output: no second accumulator;
+- more image tokens (257, the full-face adapter) get a second, independent online softmax with
+  its own (m, l, acc) state, tiled like the text, added as λ·acc_i/l_i at the end.
+
+Two normalizers, not one softmax over both key sets. Logits and accumulators are fp32; O has
+q's dtype. fp32 inputs (IEEE dots on FMA units) keep every key tile masked in one loop and the
+online image pass (``kernel_constants`` says why). ``_decoupled_attention_branches_kernel``
+does the same for several image branches (adapters, masked images) in one pass.
 
 Every tensor is addressed through its four strides, so the (B, L, H·d) projections the
 UNet produces go in as ``x.view(B, L, H, d).transpose(1, 2)`` without a copy, and O is
@@ -39,33 +51,82 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _online_softmax_pass(
-    q, acc, m_i, l_i,
-    k_base, v_base, stride_kl, stride_vl, length,
+def _online_tile(
+    q, acc, m_i, l_i, k_base, v_base, stride_kl, stride_vl, start_n, length,
     offs_d, d_mask, qk_scale,
+    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Fold keys [start_n, start_n + BLOCK_N) into an online-softmax state. Only a tile that
+    runs past ``length`` is MASKED: full tiles load and exponentiate without a key mask."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < length
+    # K is loaded transposed, [BLOCK_D, BLOCK_N]; V as [BLOCK_N, BLOCK_D].
+    k_ptrs = k_base + offs_n[None, :] * stride_kl + offs_d[:, None]
+    v_ptrs = v_base + offs_n[:, None] * stride_vl + offs_d[None, :]
+    if MASKED:
+        k = tl.load(k_ptrs, mask=d_mask[:, None] & n_mask[None, :], other=0.0)
+        v = tl.load(v_ptrs, mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+    else:
+        k = tl.load(k_ptrs, mask=d_mask[:, None], other=0.0)
+        v = tl.load(v_ptrs, mask=d_mask[None, :], other=0.0)
+    s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale  # log2 domain
+    if MASKED:
+        # The tile starts at a real key (start_n < length), so m_new is finite.
+        s = tl.where(n_mask[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _online_softmax(
+    q, k_base, v_base, stride_kl, stride_vl, length, offs_d, d_mask, qk_scale,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Attention of q over ``length`` keys as (acc, l), unnormalised: full BLOCK_N tiles, then
+    one masked TAIL_N tile (TAIL_N ≥ length % BLOCK_N) if BLOCK_N does not divide length.
+    TAIL_N = 0: every tile masked, in one loop (fp32: see ``kernel_constants``)."""
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    if TAIL_N == 0:
+        for start_n in range(0, length, BLOCK_N):
+            acc, m_i, l_i = _online_tile(q, acc, m_i, l_i, k_base, v_base, stride_kl, stride_vl, start_n, length,
+                                         offs_d, d_mask, qk_scale, BLOCK_N, True, DOT_PRECISION)
+    else:
+        full_end = length - length % BLOCK_N
+        for start_n in range(0, full_end, BLOCK_N):
+            acc, m_i, l_i = _online_tile(q, acc, m_i, l_i, k_base, v_base, stride_kl, stride_vl, start_n, length,
+                                         offs_d, d_mask, qk_scale, BLOCK_N, False, DOT_PRECISION)
+        if full_end < length:
+            acc, m_i, l_i = _online_tile(q, acc, m_i, l_i, k_base, v_base, stride_kl, stride_vl, full_end, length,
+                                         offs_d, d_mask, qk_scale, TAIL_N, True, DOT_PRECISION)
+    return acc, l_i
+
+
+@triton.jit
+def _fold_one_tile(
+    out, q, k_base, v_base, stride_kl, stride_vl, length, weight, offs_d, d_mask, qk_scale,
     BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Fold all ``length`` keys at k_base / v_base into one online-softmax state."""
-    offs_n0 = tl.arange(0, BLOCK_N)
-    for start_n in range(0, length, BLOCK_N):
-        offs_n = start_n + offs_n0
-        n_mask = offs_n < length
-        # K is loaded transposed, [BLOCK_D, BLOCK_N]; V as [BLOCK_N, BLOCK_D].
-        k = tl.load(k_base + offs_n[None, :] * stride_kl + offs_d[:, None],
-                    mask=d_mask[:, None] & n_mask[None, :], other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vl + offs_d[None, :],
-                    mask=n_mask[:, None] & d_mask[None, :], other=0.0)
-        s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale  # log2 domain
-        # Every block holds at least one real key (start_n < length), so m_new is finite.
-        s = tl.where(n_mask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
-        m_i = m_new
-    return acc, m_i, l_i
+    """out + weight · softmax(q kᵀ) v for ``length`` ≤ BLOCK_N keys: one exact softmax over one
+    tile (max, exp2, sum; nothing to rescale), with weight / l folded into P so that P·V
+    accumulates into ``out`` itself. ``weight``: λ, or one weight per query row."""
+    offs_n = tl.arange(0, BLOCK_N)
+    n_mask = offs_n < length
+    k = tl.load(k_base + offs_n[None, :] * stride_kl + offs_d[:, None],
+                mask=d_mask[:, None] & n_mask[None, :], other=0.0)
+    v = tl.load(v_base + offs_n[:, None] * stride_vl + offs_d[None, :],
+                mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+    s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
+    s = tl.where(n_mask[None, :], s, float("-inf"))
+    p = tl.exp2(s - tl.max(s, 1)[:, None])
+    p = p * (weight / tl.sum(p, 1))[:, None]
+    return tl.dot(p.to(v.dtype), v, out, input_precision=DOT_PRECISION)
 
 
 @triton.jit
@@ -79,8 +140,9 @@ def _decoupled_attention_kernel(
     stride_ob, stride_oh, stride_ol,
     n_heads, len_q, len_t, len_i, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_NT: tl.constexpr, BLOCK_NI: tl.constexpr, ALIGN: tl.constexpr,
-    LAM_IS_PTR: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_NT: tl.constexpr, TAIL_NT: tl.constexpr, BLOCK_NI: tl.constexpr, TAIL_NI: tl.constexpr,
+    IMAGE_ONE_TILE: tl.constexpr, ALIGN: tl.constexpr, LAM_IS_PTR: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     # One flat grid: query blocks fastest, then (batch, head); no 65535 limit on B·H.
     pid = tl.program_id(0)
@@ -112,36 +174,31 @@ def _decoupled_attention_kernel(
     d_mask = offs_d < HEAD_DIM
     qo_mask = m_mask[:, None] & d_mask[None, :]
 
-    # Q is read once and serves both passes. Rows past len_q load zeros: they stay finite
+    # Q is read once and serves both branches. Rows past len_q load zeros: they stay finite
     # (uniform softmax) and are never stored.
     q = tl.load(q_base + offs_m[:, None] * stride_ql + offs_d[None, :], mask=qo_mask, other=0.0)
 
-    m_t = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_t = tl.zeros([BLOCK_M], tl.float32)
-    acc_t = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    acc_t, m_t, l_t = _online_softmax_pass(
-        q, acc_t, m_t, l_t, kt_base, vt_base, stride_ktl, stride_vtl, len_t,
-        offs_d, d_mask, qk_scale, BLOCK_NT, DOT_PRECISION)
-
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc_i = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    acc_i, m_i, l_i = _online_softmax_pass(
-        q, acc_i, m_i, l_i, ki_base, vi_base, stride_kil, stride_vil, len_i,
-        offs_d, d_mask, qk_scale, BLOCK_NI, DOT_PRECISION)
-
+    acc_t, l_t = _online_softmax(q, kt_base, vt_base, stride_ktl, stride_vtl, len_t, offs_d, d_mask, qk_scale,
+                                 BLOCK_M, BLOCK_D, BLOCK_NT, TAIL_NT, DOT_PRECISION)
     if LAM_IS_PTR:
         lam = tl.load(LAM).to(tl.float32)
     else:
         lam = LAM
-    out = acc_t * (1.0 / l_t)[:, None] + acc_i * (lam / l_i)[:, None]
+    if IMAGE_ONE_TILE:
+        out = _fold_one_tile(acc_t * (1.0 / l_t)[:, None], q, ki_base, vi_base, stride_kil, stride_vil, len_i, lam,
+                             offs_d, d_mask, qk_scale, BLOCK_NI, DOT_PRECISION)
+    else:
+        acc_i, l_i = _online_softmax(q, ki_base, vi_base, stride_kil, stride_vil, len_i, offs_d, d_mask, qk_scale,
+                                     BLOCK_M, BLOCK_D, BLOCK_NI, TAIL_NI, DOT_PRECISION)
+        out = acc_t * (1.0 / l_t)[:, None] + acc_i * (lam / l_i)[:, None]
     tl.store(o_base + offs_m[:, None] * stride_ol + offs_d[None, :],
              out.to(O.dtype.element_ty), mask=qo_mask)
 
 
 @dataclass(frozen=True)
 class KernelConfig:
-    """Launch parameters. Chosen per head dim, not autotuned (see ``default_config``)."""
+    """Launch parameters. Chosen per head dim and grid size, not autotuned (see
+    ``default_config``). The tail tiles and the image path follow from these and the key counts."""
 
     block_m: int
     block_n_text: int
@@ -154,28 +211,51 @@ def _pow2_at_least_16(n: int) -> int:
     return max(16, 1 << (max(int(n), 1) - 1).bit_length())  # triton.next_power_of_2, without its µs of wrapping
 
 
+def tail_width(block_n: int, *lengths: int) -> int:
+    """Width of the masked tail tile after the full ``block_n``-wide key tiles: the largest
+    remainder rounded up to a power of two ≥ 16 (tl.dot's least). Unused where block_n divides
+    every length."""
+    return _pow2_at_least_16(max(n % block_n for n in lengths))
+
+
 # (BLOCK_M, largest key block, num_warps, num_stages) per padded head dim. Half-precision
-# dots run on tensor cores: two fp32 accumulators of BLOCK_M × BLOCK_D are live during the
-# image pass, so the query block shrinks as the head dim grows. fp32 dots are IEEE ("ieee"),
-# which Triton lowers to FMA loops with far more live registers: smaller tiles, one stage.
-# Each entry compiles for sm_80, sm_86 and sm_90 within the arch's shared memory and without
-# register spills (fp32: a word at most); tests/test_kernel.py checks this ahead of time.
+# dots run on tensor cores: during the 257-token image pass two fp32 BLOCK_M × BLOCK_D
+# accumulators are live (the output and the image's), so the query block shrinks as the head
+# dim grows. fp32 dots are IEEE ("ieee"), which Triton lowers to FMA loops with far more live
+# registers: smaller tiles, one stage. Each entry, and each smaller BLOCK_M that
+# ``default_config`` picks for small grids, compiles for sm_80, sm_86 and sm_90 within the
+# arch's shared memory and without register spills (fp32: a word at most); tests/test_kernel.py
+# checks this ahead of time (tests/gpu_compile.py).
 _HALF_CONFIGS = {64: (128, 64, 8, 2), 128: (64, 64, 4, 2), 256: (64, 32, 8, 2)}
 _FP32_CONFIGS = {64: (64, 32, 8, 1), 128: (32, 16, 8, 1), 256: (16, 16, 8, 1)}
 
+# Programs a grid should have to fill a GPU: two per SM of an H100 SXM (132 SMs). The smaller
+# SD1.5 layers (Lq 1024, 256, 64 with 16 batch·heads) have fewer at the tables' BLOCK_M.
+MIN_PROGRAMS = 2 * 132
+
 
 @functools.cache
-def default_config(head_dim: int, len_t: int, len_i: int, dtype: torch.dtype = torch.float16) -> KernelConfig:
-    """Fixed block sizes per dtype and padded head dim (tables above).
+def default_config(head_dim: int, len_t: int, len_i: int, dtype: torch.dtype = torch.float16,
+                   len_q: int = 0, batch_heads: int = 0) -> KernelConfig:
+    """Block sizes per dtype and padded head dim (tables above), BLOCK_M shrunk for small grids.
 
-    Key blocks are as small as the key count allows (≥ 16 for tl.dot): 4 or 16 image tokens
-    use a 16-wide block, not a mostly masked 64-wide one. These are reasoned and
-    compile-checked, not timed; re-tune with ``python -m benchmarks.attention --tune`` on a GPU.
-    Cached: working it out costs more host time than an SD1.5 layer's kernel runs.
+    Given len_q and batch·heads, BLOCK_M halves (not below 16, nor above what len_q needs)
+    while the grid has fewer than MIN_PROGRAMS programs, and the warps shrink with it (not
+    below 4): Lq 1024 at d 80 gets 32-row blocks, Lq 256 and 64 at d 160 16-row ones. Key
+    blocks are as small as the key count allows (≥ 16 for tl.dot): 4 or 16 image tokens use one
+    16-wide block, not a mostly masked 64-wide one. Reasoned and compile-checked, not timed;
+    re-tune with ``python -m benchmarks.attention --tune`` on a GPU. Cached: it runs on every
+    call, and working it out costs more host time than an SD1.5 layer's kernel runs.
     """
     block_d = max(64, _pow2_at_least_16(head_dim))
     table = _FP32_CONFIGS if dtype == torch.float32 else _HALF_CONFIGS
-    block_m, cap_n, warps, stages = table[block_d]
+    table_m, cap_n, warps, stages = table[block_d]
+    block_m = table_m
+    if len_q:
+        block_m = min(block_m, _pow2_at_least_16(len_q))
+        while block_m > 16 and -(-len_q // block_m) * batch_heads < MIN_PROGRAMS:
+            block_m //= 2
+        warps = max(4, warps * block_m // table_m) if block_m < table_m else warps
     return KernelConfig(
         block_m=block_m,
         block_n_text=min(cap_n, _pow2_at_least_16(len_t)),
@@ -249,6 +329,13 @@ def _row_strides(*tensors: torch.Tensor) -> list[int]:
     return [s for t in tensors for s in t.stride()[:3]]
 
 
+def _grid_len_q(q: torch.Tensor) -> int:
+    """len_q for ``default_config`` to size the grid by, on a GPU; 0 (the table's blocks) for CPU
+    tensors: the interpreter has no SMs to fill and runs one program at a time, so the bigger
+    blocks are faster there (2-3x, the kernel tests)."""
+    return q.shape[2] if q.is_cuda else 0
+
+
 def _launch(kernel, grid, q: torch.Tensor, args: tuple, kwargs: dict) -> None:
     if q.is_cuda:
         with torch.cuda.device(q.device):
@@ -260,6 +347,26 @@ def _launch(kernel, grid, q: torch.Tensor, args: tuple, kwargs: dict) -> None:
 def _dot_precision(dtype: torch.dtype) -> str:
     """fp32 inputs get full-precision dots (SDPA's fp32 accuracy), not tf32."""
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@functools.cache
+def kernel_constants(cfg: KernelConfig, head_dim: int, len_t: int, image_lengths: tuple[int, ...],
+                     dtype: torch.dtype) -> dict:
+    """Both kernels' compile-time constants but ALIGN and LAM_IS_PTR: the block sizes, the tail
+    tiles' widths and the image path (one exact tile where every branch of ``image_lengths``
+    fits one). One place for the launchers, tests/gpu_compile.py and benchmarks/kernel_work.py.
+    Cached, as ``default_config`` is; callers copy the dict, never change it.
+
+    fp32 keeps every key tile masked in one loop and the two-state image pass (TAIL 0, no
+    one-tile fold): its IEEE dots become FMA loops, and with a tail tile or the fold those
+    spilled 0.2–2 KB per thread on sm_80–90 (tests/gpu_compile.py; seemingly a second dot on q
+    outside the key loop keeps q's operand copy live across it)."""
+    split = dtype != torch.float32
+    return dict(HEAD_DIM=head_dim, BLOCK_D=_pow2_at_least_16(head_dim), BLOCK_M=cfg.block_m,
+                BLOCK_NT=cfg.block_n_text, TAIL_NT=tail_width(cfg.block_n_text, len_t) if split else 0,
+                BLOCK_NI=cfg.block_n_image, TAIL_NI=tail_width(cfg.block_n_image, *image_lengths) if split else 0,
+                IMAGE_ONE_TILE=split and max(image_lengths) <= cfg.block_n_image,
+                DOT_PRECISION=_dot_precision(dtype))
 
 
 def decoupled_attention_triton(q, k_text, v_text, k_image, v_image, scale=1.0,
@@ -277,7 +384,7 @@ def launch(q, k_text, v_text, k_image, v_image, scale=1.0, config: KernelConfig 
     time on every call, more than an SD1.5 layer's kernel runs."""
     B, H, Lq, D = q.shape
     Lt, Li = k_text.shape[2], k_image.shape[2]
-    cfg = config or default_config(D, Lt, Li, q.dtype)
+    cfg = config or default_config(D, Lt, Li, q.dtype, _grid_len_q(q), B * H)
 
     out = _output_like(q)
     if Lq == 0 or B * H == 0:
@@ -296,12 +403,8 @@ def launch(q, k_text, v_text, k_image, v_image, scale=1.0, config: KernelConfig 
     align = _alignment(tensors, q.element_size())
     grid = ((Lq + cfg.block_m - 1) // cfg.block_m * B * H,)
     args = (*tensors, lam, *_row_strides(*tensors), H, Lq, Lt, Li, _LOG2E / math.sqrt(D))
-    kwargs = dict(
-        HEAD_DIM=D, BLOCK_D=_pow2_at_least_16(D), BLOCK_M=cfg.block_m,
-        BLOCK_NT=cfg.block_n_text, BLOCK_NI=cfg.block_n_image, ALIGN=align,
-        LAM_IS_PTR=lam_is_ptr, DOT_PRECISION=_dot_precision(q.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    kwargs = dict(kernel_constants(cfg, D, Lt, (Li,), q.dtype), ALIGN=align, LAM_IS_PTR=lam_is_ptr,
+                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     _launch(_decoupled_attention_kernel, grid, q, args, kwargs)
     return out
 
@@ -317,21 +420,32 @@ def _decoupled_attention_branches_kernel(
     stride_ob, stride_oh, stride_ol,
     n_heads, len_q, len_t, n_branches, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_NT: tl.constexpr, BLOCK_NI: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_NT: tl.constexpr, TAIL_NT: tl.constexpr, BLOCK_NI: tl.constexpr, TAIL_NI: tl.constexpr,
+    IMAGE_ONE_TILE: tl.constexpr, ALIGN: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """The text pass, then one online softmax per image branch over its own key range
-    [STARTS[b], STARTS[b+1]) of the concatenated image keys, each weighted by LAMS[b] times its
-    per-query mask MASKS[b, q]; Q read once, O written once."""
+    """The text as in ``_decoupled_attention_kernel``, then each image branch over its own key
+    range [STARTS[b], STARTS[b+1]) of the concatenated image keys, weighted by LAMS[b] times its
+    per-query mask MASKS[b, q]: folded as one exact tile where every branch fits one
+    (IMAGE_ONE_TILE), else an online softmax per branch. Q read once, O written once."""
     pid = tl.program_id(0)
     n_m_blocks = tl.cdiv(len_q, BLOCK_M)
     pid_m = pid % n_m_blocks
     pid_bh = pid // n_m_blocks
     b = (pid_bh // n_heads).to(tl.int64)
     h = (pid_bh % n_heads).to(tl.int64)
-    q_base = Q + b * stride_qb + h * stride_qh
-    ki_base = KI + b * stride_kib + h * stride_kih
-    vi_base = VI + b * stride_vib + h * stride_vih
-    o_base = O + b * stride_ob + h * stride_oh
+    # ALIGN as in _decoupled_attention_kernel.
+    q_base = Q + tl.multiple_of(b * stride_qb + h * stride_qh, ALIGN)
+    kt_base = KT + tl.multiple_of(b * stride_ktb + h * stride_kth, ALIGN)
+    vt_base = VT + tl.multiple_of(b * stride_vtb + h * stride_vth, ALIGN)
+    ki_base = KI + tl.multiple_of(b * stride_kib + h * stride_kih, ALIGN)
+    vi_base = VI + tl.multiple_of(b * stride_vib + h * stride_vih, ALIGN)
+    o_base = O + tl.multiple_of(b * stride_ob + h * stride_oh, ALIGN)
+    stride_ql = tl.multiple_of(stride_ql, ALIGN)
+    stride_ol = tl.multiple_of(stride_ol, ALIGN)
+    stride_ktl = tl.multiple_of(stride_ktl, ALIGN)
+    stride_vtl = tl.multiple_of(stride_vtl, ALIGN)
+    stride_kil = tl.multiple_of(stride_kil, ALIGN)
+    stride_vil = tl.multiple_of(stride_vil, ALIGN)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -340,25 +454,23 @@ def _decoupled_attention_branches_kernel(
     qo_mask = m_mask[:, None] & d_mask[None, :]
     q = tl.load(q_base + offs_m[:, None] * stride_ql + offs_d[None, :], mask=qo_mask, other=0.0)
 
-    m_t = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_t = tl.zeros([BLOCK_M], tl.float32)
-    acc_t = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    acc_t, m_t, l_t = _online_softmax_pass(
-        q, acc_t, m_t, l_t, KT + b * stride_ktb + h * stride_kth, VT + b * stride_vtb + h * stride_vth,
-        stride_ktl, stride_vtl, len_t, offs_d, d_mask, qk_scale, BLOCK_NT, DOT_PRECISION)
+    acc_t, l_t = _online_softmax(q, kt_base, vt_base, stride_ktl, stride_vtl, len_t, offs_d, d_mask, qk_scale,
+                                 BLOCK_M, BLOCK_D, BLOCK_NT, TAIL_NT, DOT_PRECISION)
     out = acc_t * (1.0 / l_t)[:, None]
 
     for branch in range(n_branches):
         start = tl.load(STARTS + branch)
         length = tl.load(STARTS + branch + 1) - start
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc_i = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        acc_i, m_i, l_i = _online_softmax_pass(
-            q, acc_i, m_i, l_i, ki_base + start * stride_kil, vi_base + start * stride_vil, stride_kil, stride_vil,
-            length, offs_d, d_mask, qk_scale, BLOCK_NI, DOT_PRECISION)
+        k_base = ki_base + start * stride_kil
+        v_base = vi_base + start * stride_vil
         weight = tl.load(LAMS + branch) * tl.load(MASKS + branch * len_q + offs_m, mask=m_mask, other=0.0)
-        out += acc_i * (weight / l_i)[:, None]
+        if IMAGE_ONE_TILE:
+            out = _fold_one_tile(out, q, k_base, v_base, stride_kil, stride_vil, length, weight, offs_d, d_mask,
+                                 qk_scale, BLOCK_NI, DOT_PRECISION)
+        else:
+            acc_i, l_i = _online_softmax(q, k_base, v_base, stride_kil, stride_vil, length, offs_d, d_mask,
+                                         qk_scale, BLOCK_M, BLOCK_D, BLOCK_NI, TAIL_NI, DOT_PRECISION)
+            out += acc_i * (weight / l_i)[:, None]
     tl.store(o_base + offs_m[:, None] * stride_ol + offs_d[None, :], out.to(O.dtype.element_ty), mask=qo_mask)
 
 
@@ -372,6 +484,7 @@ def decoupled_attention_branches_triton(q, k_text, v_text, branches, config: Ker
     for k, v, _, _ in branches:
         check_inputs(q, k_text, v_text, k, v)
     B, H, Lq, D = q.shape
+    Lt = k_text.shape[2]
     k_image = torch.cat([k for k, _, _, _ in branches], dim=2).contiguous()
     v_image = torch.cat([v for _, v, _, _ in branches], dim=2).contiguous()
     lengths = [k.shape[2] for k, _, _, _ in branches]
@@ -379,16 +492,14 @@ def decoupled_attention_branches_triton(q, k_text, v_text, branches, config: Ker
     lams = torch.tensor([float(s) for _, _, s, _ in branches], dtype=torch.float32, device=q.device)
     masks = torch.stack([torch.ones(Lq, device=q.device) if m is None else m.reshape(Lq).float().to(q.device)
                          for _, _, _, m in branches]).contiguous()
-    cfg = config or default_config(D, k_text.shape[2], max(lengths), q.dtype)
+    cfg = config or default_config(D, Lt, max(lengths), q.dtype, _grid_len_q(q), B * H)
     out = _output_like(q)
     if Lq == 0 or B * H == 0:
         return out
+    tensors = (q, k_text, v_text, k_image, v_image, out)
     grid = (triton.cdiv(Lq, cfg.block_m) * B * H,)
-    args = (q, k_text, v_text, k_image, v_image, out, lams, starts, masks,
-            *_row_strides(q, k_text, v_text, k_image, v_image, out),
-            H, Lq, k_text.shape[2], len(branches), _LOG2E / math.sqrt(D))
-    kwargs = dict(HEAD_DIM=D, BLOCK_D=_pow2_at_least_16(D), BLOCK_M=cfg.block_m, BLOCK_NT=cfg.block_n_text,
-                  BLOCK_NI=cfg.block_n_image, DOT_PRECISION=_dot_precision(q.dtype),
+    args = (*tensors, lams, starts, masks, *_row_strides(*tensors), H, Lq, Lt, len(branches), _LOG2E / math.sqrt(D))
+    kwargs = dict(kernel_constants(cfg, D, Lt, tuple(lengths), q.dtype), ALIGN=_alignment(tensors, q.element_size()),
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     _launch(_decoupled_attention_branches_kernel, grid, q, args, kwargs)
     return out

@@ -83,6 +83,13 @@ def assert_close_to(out, ref, dtype, what=""):
         f"(allowed {tol})")
 
 
+def assert_far_from(out, ref, dtype, what=""):
+    """The control of assert_close_to: ``out`` misses ``ref`` by far more than the tolerance, so
+    a check against ``ref`` could tell the two apart."""
+    err = (out.double().cpu() - ref.cpu()).abs().max().item()
+    assert err > 20 * TOL[dtype]["atol"], f"{what}: only {err:.3g} apart"
+
+
 def make_inputs(B, H, Lq, Lt, Li, D, dtype, seed, layout="unet"):
     gen = torch.Generator().manual_seed(seed)
     mk = unet_layout if layout == "unet" else contiguous_layout
@@ -164,6 +171,57 @@ def test_sd15_head_dims_and_token_counts(D, Li):
     q, kt, vt, ki, vi = make_inputs(2, 2, 64, 77, Li, D, torch.float16, seed=D * 1000 + Li)
     out = decoupled_attention_triton(q, kt, vt, ki, vi, 1.0)
     assert_close_to(out, reference64(q, kt, vt, ki, vi, 1.0), torch.float16, f"D={D} Li={Li}")
+
+
+# ----------------------------------------------------------------------------- tiles and paths
+
+@pytest.mark.parametrize("Lt,Li,dtype,lam", [
+    (77, 4, torch.float16, 0.7),  # text 64 + a 16-wide tail; 4 image tokens folded as one 16-wide tile
+    (64, 16, torch.float16, "tensor"),  # text tiles exactly full, no tail; 16 tokens fill the tile
+    (15, 1, torch.float16, -0.6),  # text: the tail tile alone; one image token
+    (130, 17, torch.float16, 1.3),  # 2 × 64 + a 16-wide tail; 17 tokens: one 32-wide tile
+    (130, 257, torch.float16, "tensor"),  # 257 tokens: the two-state online image pass, 4 × 64 + tail
+    (77, 257, torch.float32, 0.7),  # fp32: every tile masked in one loop, online image pass
+])
+def test_text_tiles_and_image_paths(Lt, Li, dtype, lam, launches):
+    """Each text tiling (full tiles, tail, both) and each image path (one exact tile folded into
+    the output, online softmax) against float64; and every part counts: the result is far from
+    the same formula without the last text key, without the last image token, or with λ = 0."""
+    q, kt, vt, ki, vi = make_inputs(1, 2, 33, Lt, Li, 40, dtype, seed=Lt + Li)
+    scale = torch.tensor(0.625, device=q.device) if lam == "tensor" else lam
+    out = decoupled_attention_triton(q, kt, vt, ki, vi, scale)
+    lam = float(scale)
+    assert_close_to(out, reference64(q, kt, vt, ki, vi, lam), dtype, f"Lt={Lt} Li={Li}")
+    (launch,) = launches.launches
+    k = launch.kwargs
+    assert k["IMAGE_ONE_TILE"] == (dtype != torch.float32 and Li <= 64), k  # BLOCK_NI at most 64 at d 40
+    assert k["TAIL_NT"] == (0 if dtype == torch.float32 else 16), k  # 77, 15, 130: a 13/15/2-key tail
+    assert_far_from(out, reference64(q, kt[:, :, :-1], vt[:, :, :-1], ki, vi, lam), dtype, "last text key")
+    assert_far_from(out, reference64(q, kt, vt, ki, vi, 0.0), dtype, "image branch")
+    if Li > 1:
+        assert_far_from(out, reference64(q, kt, vt, ki[:, :, :-1], vi[:, :, :-1], lam), dtype, "last image token")
+
+
+def test_block_m_shrinks_for_small_grids(launches):
+    """Given len_q and batch·heads (the launcher gives them for CUDA tensors), BLOCK_M halves (not
+    below 16) until the grid has two programs per SM of an H100, where len_q allows; the table's
+    BLOCK_M and the small one give the same numbers, at an odd len_q and a multiple of 16."""
+    from kernels.triton_decoupled_attention import default_config
+    # SD1.5 at 512², 16 batch·heads, fp16: the 4096-query layers keep 128 rows, the others shrink
+    sd15 = ((4096, 40), (1024, 80), (256, 160), (64, 160))
+    configs = [default_config(d, 77, 4, torch.float16, lq, 16) for lq, d in sd15]
+    assert [(c.block_m, c.num_warps) for c in configs] == [(128, 8), (32, 4), (16, 4), (16, 4)]
+    assert default_config(40, 77, 4, torch.float16).block_m == 128  # no grid given (CPU tensors): the table's
+    for Lq, D in ((33, 40), (64, 80)):
+        q, kt, vt, ki, vi = make_inputs(1, 2, Lq, 77, 16, D, torch.float16, seed=Lq)
+        ref = reference64(q, kt, vt, ki, vi, 0.8)
+        table = default_config(D, 77, 16, torch.float16)
+        for config in (default_config(D, 77, 16, torch.float16, Lq, 2), table):
+            assert_close_to(decoupled_attention_triton(q, kt, vt, ki, vi, 0.8, config=config), ref, torch.float16,
+                            f"Lq={Lq} D={D} config={config}")
+        small, big = launches.launches[-2:]
+        assert small.kwargs["BLOCK_M"] == 16 and small.grid == (-(-Lq // 16) * 2,)
+        assert big.kwargs["BLOCK_M"] == table.block_m > 16 and big.grid == (2,)
 
 
 # ----------------------------------------------------------------------------- layouts
@@ -377,7 +435,12 @@ def test_default_configs_fit_every_gpu_arch():
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [json.loads(line) for line in r.stdout.splitlines()]
     assert len(rows) == len(gpu_compile.CASES)
+    # the cases reach every path: one-tile image fold and online pass, both kernels, 16-row blocks
+    assert {(row["kernel"], row["image_one_tile"]) for row in rows} == {(k, p) for k in ("one image", "branches")
+                                                                        for p in (True, False)}
+    assert any(row["config"]["block_m"] == 16 and row["dtype"] != "fp32" for row in rows)
     for row in rows:
+        assert row["ctas_per_sm"] >= 1, f"does not fit an SM: {row}"
         assert row["shared_bytes"] <= row["max_shared_bytes"], f"too much shared memory: {row}"
         # fp32 (IEEE dots on FMA units) may keep a word or two on the stack on some archs;
         # the earlier 128-row fp32 tiles spilled 1.5-12 KB.
@@ -423,3 +486,24 @@ def test_several_branches_in_one_launch_match_the_reference(dtype, D, Lq):
         dispatched = decoupled_attention_branches(q, kt, vt, [(k, v, s, None if m is None else m.reshape(-1, 1))
                                                               for k, v, s, m in branches])
         assert torch.equal(dispatched, reference)
+
+
+def test_branches_with_more_tokens_than_one_tile_take_the_online_pass():
+    """fp16, a 257-token branch beside a 4-token one: no one-tile fold (one branch does not fit a
+    tile), an online softmax per branch, against float64; each branch counts."""
+    from kernels.decoupled_attention import _triton
+    gen = torch.Generator().manual_seed(12)
+    Lq, D, dtype = 33, 40, torch.float16
+    q = unet_layout(1, Lq, 2, D, dtype, gen)
+    kt, vt = (unet_layout(1, 77, 2, D, dtype, gen) for _ in range(2))
+    mask = torch.rand(Lq, generator=gen).to(DEVICE)
+    branches = [(*(contiguous_layout(1, n, 2, D, dtype, gen) for _ in range(2)), lam, m)
+                for n, lam, m in ((4, 0.7, None), (257, -0.9, mask))]
+    out = _triton().decoupled_attention_branches_triton(q, kt, vt, branches)
+    assert_close_to(out, branches64(q, kt, vt, branches), dtype, "4 + 257 tokens")
+    for dropped in range(2):
+        others = branches[:dropped] + branches[dropped + 1:]
+        assert_far_from(out, branches64(q, kt, vt, others), dtype, f"without branch {dropped}")
+    k, v, lam, m = branches[1]
+    assert_far_from(out, branches64(q, kt, vt, [branches[0], (k[:, :, :-1], v[:, :, :-1], lam, m)]), dtype,
+                    "the 257th token")

@@ -52,6 +52,7 @@ import torch
 
 from benchmarks import loading
 from ipadapter_min.configs import AdapterSpec, TextEncoderConfig, UNetConfig, VAEConfig
+from ipadapter_min.cpu_convolutions import pack_convolutions
 from ipadapter_min.formats.files import save_safetensors
 from ipadapter_min.formats.ip_adapter import save_official
 from ipadapter_min.formats.sd15 import sd15_metadata
@@ -147,9 +148,12 @@ def make_tokenizer() -> tuple[Tokenizer, str]:
 
 
 class Ours:
-    def __init__(self, weights: Path, adapter: Path, device, dtype, tokenizer: Tokenizer):
+    def __init__(self, weights: Path, adapter: Path, device, dtype, tokenizer: Tokenizer, packing: bool = True):
         models = load_sd15(weights, device=device, dtype=dtype)
         self.sd = StableDiffusion(models["unet"], models["vae"], models["text_encoder"], tokenizer)
+        if packing:  # as the sample command runs (fp32 on the CPU; a no-op elsewhere)
+            pack_convolutions(self.sd.unet)
+            pack_convolutions(self.sd.vae)
         self.adapter = load_ip_adapter(adapter, device, dtype, self.sd.unet.cross_attention_widths())
         self.eager_unet = self.sd.unet
 
@@ -343,6 +347,8 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, help="timed calls per side and configuration (default: 3 on CUDA, 2 on the CPU)")
     p.add_argument("--device", help="default: cuda if available, else cpu")
     p.add_argument("--compile", action="store_true", help="also time both sides with torch.compile on the UNet")
+    p.add_argument("--eager-convolutions", action="store_true",
+                   help="ours without ipadapter_min.cpu_convolutions (which the sample command uses; CPU fp32 only)")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/ipadapter_min_pipeline_bench"),
                    help="where the random weights are written, one folder per --size (default: %(default)s)")
     p.add_argument("--loading-repeats", type=int, default=2,
@@ -413,6 +419,7 @@ def main(argv=None) -> dict:
         diffusers=version or "not installed", size=args.size, resolution=args.resolution, steps=args.steps,
         dtype=args.dtype, guidance=GUIDANCE, sampler="ddim", seed=SEED, adapter="base, 4 tokens, random weights",
         scale=SCALE, repeats=args.repeats, tokenizer=tokenizer_note,
+        ours_convolutions="eager" if args.eager_convolutions else "ipadapter_min.cpu_convolutions (CPU fp32)",
         notes=["s_per_image: the whole call, prompt to PIL image; median of the timed calls after one warm-up",
                "it_per_s: steps / s_per_image (text encoder and VAE decode included)",
                "peak_memory_growth_bytes: over one call, weights loaded before (CUDA: max_memory_allocated; "
@@ -437,7 +444,7 @@ def main(argv=None) -> dict:
         result["loading"] = "skipped (--loading-repeats 0)"
     write()
 
-    sides = {"ours": Ours(weights, adapter, device, dtype, tokenizer)}
+    sides = {"ours": Ours(weights, adapter, device, dtype, tokenizer, packing=not args.eager_convolutions)}
     if version is not None:
         sides["diffusers"] = Diffusers(weights, adapter, device, dtype, tokenizer)
     result["weight_bytes"] = {name: side.weight_bytes() for name, side in sides.items()}

@@ -24,6 +24,7 @@ from kernels import decoupled_attention, decoupled_attention_reference
 
 from . import demo, image_prompt_args, rerun
 from .controlnet import ControlNetInput
+from .cpu_convolutions import pack_convolutions
 from .editing import IMG2IMG_STRENGTH, INPAINT_STRENGTH
 from .formats.files import message, write_atomically
 from .image_files import open_image, open_mask
@@ -551,12 +552,16 @@ def load_models(args: argparse.Namespace, groups: list[argparse.Namespace]):
         T2IAdapterInput(load_t2i_adapter(adapter, device, dtype), open_image(image, "--adapter-image"), scale)
         for adapter, image, scale in zip(args.t2i_adapter or [], args.adapter_image or [], args.adapter_scale)]
     if not groups[0].ip_adapter:
-        return StableDiffusion.from_file(args.model, device=device, dtype=dtype, loras=args.loras, vae=args.vae), \
-            controls, []
-    sd, adapters, encoders = load_image_prompt_models(
-        args.model, [g.ip_adapter for g in groups], [None if g.embeds else g.image_encoder for g in groups],
-        device, dtype, args.loras, args.vae)
-    return sd, controls, image_prompts(groups, adapters, encoders, args.force)
+        sd, prompts = StableDiffusion.from_file(args.model, device=device, dtype=dtype, loras=args.loras,
+                                                vae=args.vae), []
+    else:
+        sd, adapters, encoders = load_image_prompt_models(
+            args.model, [g.ip_adapter for g in groups], [None if g.embeds else g.image_encoder for g in groups],
+            device, dtype, args.loras, args.vae)
+        prompts = image_prompts(groups, adapters, encoders, args.force)
+    for model in (sd.unet, sd.vae, *(control.model for control in controls)):
+        pack_convolutions(model)  # fp32 on the CPU: weights reordered once, upsampling in phases
+    return sd, controls, prompts
 
 
 def generate(sd: StableDiffusion, controls, prompts: list[ImagePromptInput], args: argparse.Namespace,

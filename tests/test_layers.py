@@ -29,6 +29,7 @@ LAYERS = [
      "ipadapter_min.image_projection",
      "ipadapter_min.ip_adapter", "ipadapter_min.cfg", "ipadapter_min.controlnet", "ipadapter_min.t2i_adapter",
      "ipadapter_min.image_processing", "ipadapter_min.image_files", "ipadapter_min.negative_noise",
+     "ipadapter_min.cpu_convolutions",
      "ipadapter_min.long_prompts"},
     {"ipadapter_min.loading"},
     {"ipadapter_min.pipeline", "ipadapter_min.ip_pipeline", "ipadapter_min.training", "ipadapter_min.training_data",

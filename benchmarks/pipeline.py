@@ -151,7 +151,7 @@ class Ours:
     def __init__(self, weights: Path, adapter: Path, device, dtype, tokenizer: Tokenizer, packing: bool = True):
         models = load_sd15(weights, device=device, dtype=dtype)
         self.sd = StableDiffusion(models["unet"], models["vae"], models["text_encoder"], tokenizer)
-        if packing:  # as the sample command runs (fp32 on the CPU; a no-op elsewhere)
+        if packing:  # the sample command's --packed-convolutions (fp32 on the CPU; a no-op elsewhere)
             pack_convolutions(self.sd.unet)
             pack_convolutions(self.sd.vae)
         self.adapter = load_ip_adapter(adapter, device, dtype, self.sd.unet.cross_attention_widths())
@@ -348,7 +348,7 @@ def parse_args(argv=None):
     p.add_argument("--device", help="default: cuda if available, else cpu")
     p.add_argument("--compile", action="store_true", help="also time both sides with torch.compile on the UNet")
     p.add_argument("--eager-convolutions", action="store_true",
-                   help="ours without ipadapter_min.cpu_convolutions (which the sample command uses; CPU fp32 only)")
+                   help="ours without ipadapter_min.cpu_convolutions (the sample command's --packed-convolutions; CPU fp32 only)")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/ipadapter_min_pipeline_bench"),
                    help="where the random weights are written, one folder per --size (default: %(default)s)")
     p.add_argument("--loading-repeats", type=int, default=2,

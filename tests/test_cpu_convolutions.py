@@ -101,14 +101,17 @@ def test_gradients_and_other_dtypes_take_the_eager_path():
 
 
 def test_sample_packs_the_models_it_loads(monkeypatch, tmp_path):
-    """The sample command hands its UNet and VAE over packed (they act on the CPU in fp32 only)."""
+    """--packed-convolutions hands the UNet and VAE over packed (they act on the CPU in fp32 only);
+    without it nothing is packed, so the command's images are the API's bit for bit."""
     from ipadapter_min import demo
     if not demo.installed():
         pytest.skip("the demo weights are not installed")
     packed = []
     monkeypatch.setattr(sample, "pack_convolutions", lambda model: packed.append(model) or pack_convolutions(model))
-    assert sample.main(["--prompt", "a red circle", "--steps", "1", "--no-progress", "--out",
-                        str(tmp_path / "a.png")]) == 0
+    common = ["--prompt", "a red circle", "--steps", "1", "--no-progress"]
+    assert sample.main([*common, "--out", str(tmp_path / "a.png")]) == 0
+    assert packed == []
+    assert sample.main([*common, "--packed-convolutions", "--out", str(tmp_path / "b.png")]) == 0
     unet, vae = packed
     assert any(isinstance(m, PackedConv2d) and m._packed is not None for m in unet.modules())
     assert any(isinstance(m, PackedUpsample) and m._phases[1] is not None for m in vae.modules())

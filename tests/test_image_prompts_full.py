@@ -3,7 +3,7 @@
 StableDiffusionPipeline with ``load_ip_adapter`` of several files, ``ip_adapter_masks`` and
 ``ip_adapter_image_embeds``; DDIM, the same seed, fp32, CPU: ≤ 2/255 per pixel.
 
-128×128 and 3 steps keep it affordable; diffusers' images are made first and its models dropped
+64×64 and 3 steps keep it affordable; diffusers' images are made first and its models dropped
 before ours load (see test_ip_adapter_full.py).
 """
 import gc
@@ -18,7 +18,7 @@ from ipadapter_min.ip_pipeline import ImagePromptInput, image_prompt_hook
 from ipadapter_min.loading import load_image_encoder, load_ip_adapter, load_sd15
 from ipadapter_min.pipeline import StableDiffusion
 
-SIZE, STEPS, SEED, PROMPT = 128, 3, 5, "a watercolor painting"
+SIZE, STEPS, SEED, PROMPT = 64, 3, 5, "a watercolor painting"
 FILES = {"base": "ip-adapter_sd15.bin", "plus": "ip-adapter-plus_sd15.safetensors"}
 
 pytestmark = pytest.mark.usefixtures("free_memory")

@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "four phases (ipadapter_min.cpu_convolutions): about 15%% less time per image at 256 px, "
                    "up to ~2 GB more memory at full size; pixels move by fp32 rounding, so images differ from "
                    "runs without it by 1/255 here and there")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="CPU threads for torch (default: torch's; 1 for the demo model, whose layers are too small "
+                        "to share: as fast on an idle machine, and not slowed many times over by a busy one)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     edit = p.add_argument_group(
         "img2img and inpainting",
@@ -308,6 +311,7 @@ def use_demo_model(args: argparse.Namespace) -> None:
                          f"give --model, or train them with python -m ipadapter_min.demo train")
     args.model = demo.WEIGHTS
     args.width, args.height = args.width or demo.NATIVE_SIZE, args.height or demo.NATIVE_SIZE
+    args.threads = 1 if args.threads is None else args.threads
     if args.image and not args.ip_adapter and not args.image_encoder:
         args.ip_adapter, args.image_encoder = demo.ADAPTER, demo.IMAGE_ENCODER
 
@@ -337,6 +341,8 @@ def validate(args: argparse.Namespace, groups: list[argparse.Namespace] | None =
     args.dtype = args.dtype or ("fp16" if args.device.startswith("cuda") else "fp32")
     for cell in sweep.cells():
         validate_sampler(cell.values.get("sampler", args.sampler), args.steps, args.eta)
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {args.threads}")
     if args.num_images < 1:
         raise ValueError(f"--num-images must be at least 1, got {args.num_images}")
     for group in groups:
@@ -612,9 +618,11 @@ def recorded(args: argparse.Namespace, values: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    threads = torch.get_num_threads()
     try:
         args, groups, sweep = parse_command(list(sys.argv[1:] if argv is None else argv))
         paths = validate(args, groups, sweep)
+        torch.set_num_threads(args.threads or threads)  # None: torch's default
         sd, controls, prompts = load_models(args, groups)
         firsts = []
         for number, (cell, cell_paths) in enumerate(zip(sweep.cells(), paths)):
@@ -636,6 +644,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, OSError, RuntimeError) as exc:  # CheckpointError is a ValueError
         print(f"error: {message(exc)}", file=sys.stderr)
         return 2
+    finally:
+        torch.set_num_threads(threads)  # main() called from Python leaves the caller's setting as it was
     return 0
 
 

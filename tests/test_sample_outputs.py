@@ -137,6 +137,7 @@ def test_sampler_and_guidance_lists(tmp_path):
     (["--seed", "1,2", "--eta", "0.5", "--sampler", "ddim,euler"], "--eta applies to --sampler ddim only"),
     (["--seed", "-2"], "--seed must be in [0, 2**64) or -1"),
     (["--seed", "1,1"], "two images of the sweep would both be"),
+    (["--threads", "0"], "--threads must be at least 1, got 0"),
 ])
 def test_bad_lists_are_refused_before_loading(tmp_path, capsys, extra, message):
     assert sample.main(["--prompt", "a", "--out", str(tmp_path / "x.png"), *extra]) == 2
@@ -162,6 +163,17 @@ def test_dtype_defaults_to_fp16_on_cuda_only(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert dtype("--device", "cuda") == "fp16" and dtype("--device", "cuda", "--dtype", "fp32") == "fp32"
     assert "fp16 on CUDA, fp32 on the CPU" in " ".join(sample.build_parser().format_help().split())
+
+
+def test_demo_model_runs_on_one_thread_unless_told(monkeypatch, tmp_path):
+    """Its layers are too small to share between threads; the caller's setting is left as it was."""
+    seen = []
+    monkeypatch.setattr(sample, "generate",
+                        lambda *args: seen.append(torch.get_num_threads()) or [Image.new("RGB", (8, 8))])
+    before = torch.get_num_threads()
+    for i, extra in enumerate([[], ["--threads", "3"]]):
+        assert sample.main(["--prompt", "a red circle", "--out", str(tmp_path / f"{i}.png"), *extra]) == 0
+    assert seen == [1, 3] and torch.get_num_threads() == before
 
 
 def test_long_prompt_flag_reaches_the_pipeline(tmp_path, caplog):

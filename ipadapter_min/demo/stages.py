@@ -51,6 +51,12 @@ ADAPTER_IMAGES = 20_000
 JUDGE = Settings(steps=2000, batch=64, lr=3e-3, weight_decay=0.0, seed=5)  # ≥ 99.6% per attribute (measured)
 JUDGE_GATE = 0.98  # its verdicts count only above this, per attribute, on held-out renders
 UNET_IMAGES = 60_000  # rendered and encoded once; 15,840 attribute combinations, each ~4× with jitter
+SMOKE_BATCH = 8
+
+
+def run_size(s: Settings, smoke: bool) -> tuple[int, int]:
+    """Steps and batch size: a smoke run checks the path, not the learning, so a few small batches."""
+    return (s.smoke_steps, SMOKE_BATCH) if smoke else (s.steps, s.batch)
 
 
 def export_part(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
@@ -76,9 +82,9 @@ def write_report(folder: Path, report: dict) -> None:
 
 def train_clip(out: Path, smoke: bool = False, progress: bool = True) -> dict:
     s = CLIP
-    steps = s.smoke_steps if smoke else s.steps
+    steps, batch = run_size(s, smoke)
     model, tokenizer = DemoCLIP(), Tokenizer(TRAIN_TOKENS)
-    run_stage("clip", out / "clip", {"clip": model}, lambda step: clip_loss(model, tokenizer, s.seed, step, s.batch),
+    run_stage("clip", out / "clip", {"clip": model}, lambda step: clip_loss(model, tokenizer, s.seed, step, batch),
               steps, schedule(s.lr, steps), s.weight_decay, progress=progress)
     weights = out / "weights"
     text = model.text.state_dict()
@@ -95,15 +101,15 @@ def train_clip(out: Path, smoke: bool = False, progress: bool = True) -> dict:
 
 def train_vae(out: Path, smoke: bool = False, progress: bool = True) -> dict:
     s = VAE
-    steps = s.smoke_steps if smoke else s.steps
+    steps, batch = run_size(s, smoke)
     vae = new_vae()
 
     def loss(step: int) -> torch.Tensor:
         with torch.autocast("cpu", dtype=torch.bfloat16):  # 2× faster on the CPU; the pilot trained this way
-            return vae_loss(vae, s.seed, step, s.batch)
+            return vae_loss(vae, s.seed, step, batch)
 
     run_stage("vae", out / "vae", {"vae": vae}, loss, steps, schedule(s.lr, steps), s.weight_decay, progress=progress)
-    vae = with_measured_scaling(vae, s.seed)
+    vae = with_measured_scaling(vae, s.seed, 32 if smoke else 512)
     export_part({f"vae.{k}": v for k, v in vae.state_dict().items()}, out / "weights" / "vae.safetensors",
                 sd15_metadata({"vae": vae.cfg}))
     report = {"steps": steps, "psnr_db": psnr(vae, s.seed, 8 if smoke else 64), "scaling_factor": vae.cfg.scaling_factor}
@@ -124,17 +130,17 @@ def load_part(weights: Path, part: str) -> torch.nn.Module:
 
 def train_unet(out: Path, smoke: bool = False, progress: bool = True) -> dict:
     s = UNET
-    steps = s.smoke_steps if smoke else s.steps
+    steps, batch = run_size(s, smoke)
     weights, folder = out / "weights", out / "unet"
     text_encoder, vae = load_part(weights, "text_encoder"), load_part(weights, "vae")
     dataset_path = folder / "dataset.pt"
     if dataset_path.is_file():
         dataset = torch.load(dataset_path, weights_only=True)
     else:
-        dataset = encode_dataset(vae, 512 if smoke else UNET_IMAGES, s.seed, progress)
+        dataset = encode_dataset(vae, 64 if smoke else UNET_IMAGES, s.seed, progress)
         folder.mkdir(parents=True, exist_ok=True)
         write_atomically(dataset_path, lambda tmp: torch.save(dataset, tmp))
-    training = DenoiserTraining(text_encoder, vae, dataset, s.seed, s.batch)
+    training = DenoiserTraining(text_encoder, vae, dataset, s.seed, batch)
     run_stage("unet", folder, {"unet": training.unet, "ema": training.ema}, training.loss, steps,
               schedule(s.lr, steps), s.weight_decay, progress=progress, after_step=training.update_ema)
     export_part({f"unet.{k}": v for k, v in training.ema.state_dict().items()}, weights / "unet.safetensors",
@@ -165,12 +171,12 @@ def write_adapter_data(folder: Path, count: int, seed: int) -> Path:
 def train_adapter(out: Path, smoke: bool = False, progress: bool = True) -> dict:
     """The real command line, as a user runs it, on the demo's models and rendered images."""
     s = ADAPTER
-    steps = s.smoke_steps if smoke else s.steps
+    steps, batch = run_size(s, smoke)
     weights, folder = out / "weights", out / "adapter"
-    data = write_adapter_data(folder / "data", 256 if smoke else ADAPTER_IMAGES, s.seed)
+    data = write_adapter_data(folder / "data", 64 if smoke else ADAPTER_IMAGES, s.seed)
     run = folder / "run"
     argv = ["--model", str(weights), "--image-encoder", str(weights / "image_encoder.safetensors"), "--data", str(data),
-            "--resolution", str(RESOLUTION), "--batch-size", str(s.batch), "--steps", str(steps), "--lr", str(s.lr),
+            "--resolution", str(RESOLUTION), "--batch-size", str(batch), "--steps", str(steps), "--lr", str(s.lr),
             "--weight-decay", str(s.weight_decay), "--seed", str(s.seed), "--save-every", "500",
             "--cache", str(folder / "cache"), "--out", str(run)]
     if run.exists():
@@ -187,8 +193,8 @@ def train_adapter(out: Path, smoke: bool = False, progress: bool = True) -> dict
 
 def train_judge_stage(out: Path, smoke: bool = False, progress: bool = True) -> dict:
     s = JUDGE
-    steps = s.smoke_steps if smoke else s.steps
-    judge = train_judge(steps, out / "judge", s.batch, s.seed, progress, s.lr)
+    steps, batch = run_size(s, smoke)
+    judge = train_judge(steps, out / "judge", batch, s.seed, progress, s.lr)
     save_judge(judge, out / "weights" / "judge.safetensors", overwrite=True)
     scenes_, images, _ = draw_scenes(s.seed, 10**9, 40 if smoke else 1000)
     blurred = [image.filter(ImageFilter.GaussianBlur(1)) for image in images]

@@ -7,6 +7,7 @@ StableDiffusionPipeline with ``load_ip_adapter`` of several files, ``ip_adapter_
 before ours load (see test_ip_adapter_full.py).
 """
 import gc
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -99,13 +100,18 @@ def generate(sd, prompts) -> np.ndarray:
     return as_array(sd(PROMPT, steps=STEPS, seed=SEED, width=SIZE, height=SIZE, hook=hook, progress=False)[0])
 
 
+def encoded_once(prompt: ImagePromptInput) -> ImagePromptInput:
+    """The prompt with its images encoded, for a second generation (as the sample command does)."""
+    return replace(prompt, features=prompt.encoded())
+
+
 @torch.no_grad()
 def test_two_adapters_match_diffusers(ours, diffusers_results):
     sd, encoder, adapters = ours
     images = ref.sample_images()
-    both = generate(sd, [ImagePromptInput(adapters["base"], encoder, [images[0]], 0.7),
-                         ImagePromptInput(adapters["plus"], encoder, [images[1]], 0.5)])
-    base_only = generate(sd, [ImagePromptInput(adapters["base"], encoder, [images[0]], 0.7)])
+    base = encoded_once(ImagePromptInput(adapters["base"], encoder, [images[0]], 0.7))
+    both = generate(sd, [base, ImagePromptInput(adapters["plus"], encoder, [images[1]], 0.5)])
+    base_only = generate(sd, [base])
     diff = np.abs(both - diffusers_results["two adapters"]).max()
     print(f"base + plus adapters: max pixel difference {diff}/255; mean change from base alone "
           f"{np.abs(both - base_only).mean():.1f}")
@@ -116,8 +122,9 @@ def test_two_adapters_match_diffusers(ours, diffusers_results):
 def test_masks_match_diffusers(ours, diffusers_results):
     sd, encoder, adapters = ours
     images = ref.sample_images()
-    masked = generate(sd, [ImagePromptInput(adapters["base"], encoder, images[:2], 0.8, masks=halves())])
-    unmasked = generate(sd, [ImagePromptInput(adapters["base"], encoder, images[:2], 0.8)])
+    masked = ImagePromptInput(adapters["base"], encoder, images[:2], 0.8, masks=halves())
+    unmasked = generate(sd, [replace(encoded_once(masked), masks=None)])
+    masked = generate(sd, [masked])
     diff = np.abs(masked - diffusers_results["masks"]).max()
     print(f"two images, two masks: max pixel difference {diff}/255; mean change from no masks "
           f"{np.abs(masked - unmasked).mean():.1f}")

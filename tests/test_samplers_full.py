@@ -2,8 +2,8 @@
 the full architecture (SD1.5, and OpenCLIP ViT-H/14 with the base ip-adapter_sd15 in its official
 file), random weights, fp32, CPU: our image against diffusers' StableDiffusionPipeline with the
 matching scheduler (test_samplers.reference_scheduler: the release's scheduler_config.json, each
-scheduler's own timestep spacing) and the same seed, text-to-image and with an image prompt
-(``load_ip_adapter``). Tolerance: 2/255 per pixel.
+scheduler's own timestep spacing) and the same seed, text-to-image with each, and with an image
+prompt (``load_ip_adapter``) with Euler a. Tolerance: 2/255 per pixel.
 
 64×64 and 3 steps keep it cheap; 3 steps are enough for DPM++ 2M to take both its orders (1, 2,
 then 1 for the last step) and for Euler a to draw fresh noise at every step, which the test checks
@@ -32,7 +32,9 @@ PROMPT, NEGATIVE = "a red bicycle", "blurry"
 ADAPTER = "ip-adapter_sd15.bin"
 SAMPLERS = ["euler", "euler-a", "dpmpp-2m", "dpmpp-2m-karras"]
 KINDS = ["text", "image-prompt"]
-CASES = [(name, kind) for kind in KINDS for name in SAMPLERS]
+# The image prompt with one sampler here (the ancestral one, whose noise draws must line up with
+# the adapter's extra work); test_samplers checks it with every sampler on small models.
+CASES = [(name, "text") for name in SAMPLERS] + [("euler-a", "image-prompt")]
 IDS = [f"{name}-{kind}" for name, kind in CASES]
 # What diffusers' scheduler does in 3 steps: DPM++ 2M's order at each step, Euler a's noise draws
 EXPECTED_TRACE = {"euler": [], "euler-a": ["noise"] * STEPS, "dpmpp-2m": [1, 2, 1], "dpmpp-2m-karras": [1, 2, 1]}
@@ -183,9 +185,8 @@ def test_samplers_give_distinct_images(our_results):
     """No two samplers give the same image within the tolerance, so that a sampler mistaken for
     another would fail the parity test. (At 3 steps the four end at σ = 0 from the same σ_max and
     differ only in the middle step: Euler and DPM++ 2M Karras are the closest, a few /255 apart.)"""
-    for kind in KINDS:
-        for i, a in enumerate(SAMPLERS):
-            for b in SAMPLERS[i + 1:]:
-                diff = np.abs(our_results[a, kind][0] - our_results[b, kind][0])
-                print(f"{kind}: {a} vs {b}: max difference {diff.max()}/255, mean {diff.mean():.1f}")
-                assert diff.max() > PIXEL_TOL, (kind, a, b)
+    for i, a in enumerate(SAMPLERS):
+        for b in SAMPLERS[i + 1:]:
+            diff = np.abs(our_results[a, "text"][0] - our_results[b, "text"][0])
+            print(f"{a} vs {b}: max difference {diff.max()}/255, mean {diff.mean():.1f}")
+            assert diff.max() > PIXEL_TOL, (a, b)

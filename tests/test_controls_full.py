@@ -95,7 +95,10 @@ def test_controlnet_original_files_match_diffusers(files):
 CASES = ["img2img", "inpaint", "controlnet"]
 
 
-def diffusers_image(case, models, tokenizer, files):
+def diffusers_image(case, models, tokenizer, files, embeds=None):
+    """diffusers' image for the case; ``embeds``: the reference image's, from
+    ``prepare_ip_adapter_image_embeds`` (what each pipeline does with ``ip_adapter_image``);
+    without, the case's pipeline encodes it and the result carries the embeds."""
     import diffusers
     from transformers import CLIPImageProcessor
     init, mask, control, reference_image = pictures()
@@ -114,11 +117,13 @@ def diffusers_image(case, models, tokenizer, files):
     pipe.load_ip_adapter(str(files), subfolder="", weight_name=ADAPTER)
     try:
         pipe.set_ip_adapter_scale(SCALE)
-        out = pipe(PROMPT, ip_adapter_image=[[reference_image]], num_inference_steps=STEPS,
+        if embeds is None:
+            embeds = pipe.prepare_ip_adapter_image_embeds([[reference_image]], None, torch.device("cpu"), 1, True)
+        out = pipe(PROMPT, ip_adapter_image_embeds=embeds, num_inference_steps=STEPS,
                    generator=torch.Generator("cpu").manual_seed(SEED), **kwargs).images[0]
     finally:
         pipe.unload_ip_adapter()
-    return np.asarray(out).astype(np.int16)
+    return np.asarray(out).astype(np.int16), embeds
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +132,9 @@ def diffusers_results(full, vit_h_reference, files) -> dict[str, np.ndarray]:
     from diffusers import ControlNetModel
     models = dict(unet=full.load_unet(), vae=full.load_vae(), text_encoder=full.load_text_encoder(),
                   image_encoder=vit_h_reference.load(), controlnet=ref.from_folder(ControlNetModel, files / "controlnet"))
-    results = {case: diffusers_image(case, models, full.tokenizer, files) for case in CASES}
+    results, embeds = {}, None
+    for case in CASES:  # the reference image encoded once, by the first case's pipeline
+        results[case], embeds = diffusers_image(case, models, full.tokenizer, files, embeds)
     del models
     gc.collect()
     return results
@@ -136,13 +143,15 @@ def diffusers_results(full, vit_h_reference, files) -> dict[str, np.ndarray]:
 @pytest.fixture(scope="module")
 def ours(full, vit_h_reference, files, diffusers_results):
     """Our pipeline, loaded after diffusers' models are gone, shared by the module's cases, with
-    the ControlNet and the image the image prompt alone gives."""
+    the ControlNet, the image the image prompt alone gives (from the reference image) and the
+    reference's image tokens (encoded once, as the sample command does)."""
     sd = StableDiffusion(**load_sd15(full.folder))
     pipe = IPAdapterPipeline(sd, load_ip_adapter(files / ADAPTER), load_image_encoder(vit_h_reference.folder))
     reference_image = pictures()[3]
     image_prompt_only = np.asarray(pipe(PROMPT, [reference_image], scale=SCALE, steps=STEPS, seed=SEED, width=SIZE,
                                         height=SIZE, progress=False)[0]).astype(np.int16)
-    yield pipe, load_controlnet(files / "control_v11p_sd15_canny.pth"), image_prompt_only
+    tokens = pipe.image_tokens([reference_image])
+    yield pipe, load_controlnet(files / "control_v11p_sd15_canny.pth"), image_prompt_only, tokens
     del sd, pipe
     gc.collect()
 
@@ -150,13 +159,13 @@ def ours(full, vit_h_reference, files, diffusers_results):
 @torch.no_grad()
 @pytest.mark.parametrize("case", CASES)
 def test_with_an_image_prompt_matches_diffusers(case, ours, diffusers_results):
-    pipe, controlnet, image_prompt_only = ours
-    init, mask, control, reference_image = pictures()
+    pipe, controlnet, image_prompt_only, tokens = ours
+    init, mask, control, _ = pictures()
     kwargs = {"img2img": dict(init_image=init, strength=0.7),
               "inpaint": dict(init_image=init, mask=mask, strength=0.9),
               "controlnet": dict(controls=[ControlNetInput(controlnet, control, scale=0.8)])}[case]
-    mine = np.asarray(pipe(PROMPT, [reference_image], scale=SCALE, steps=STEPS, seed=SEED, progress=False,
-                           **kwargs)[0]).astype(np.int16)
+    mine = np.asarray(pipe.sd(PROMPT, hook=pipe.adapter.hook(*tokens, SCALE), steps=STEPS, seed=SEED, progress=False,
+                              **kwargs)[0]).astype(np.int16)
     diff = np.abs(mine - diffusers_results[case]).max()
     change = np.abs(mine - image_prompt_only).mean()
     print(f"{case} + IP-Adapter: max pixel difference {diff}/255; mean change from the image prompt alone {change:.1f}")

@@ -14,10 +14,13 @@ Run without TRITON_INTERPRET (the tests start it in a subprocess with it removed
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
 import re
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -139,5 +142,7 @@ def ptxas_available() -> bool:
 
 
 if __name__ == "__main__":
-    for case in CASES:
-        print(json.dumps(compile_default_config(case)), flush=True)
+    # one compile per core (each is one Python thread plus ptxas), the rows in CASES' order
+    with ProcessPoolExecutor(os.cpu_count() or 1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for row in pool.map(compile_default_config, CASES):
+            print(json.dumps(row), flush=True)

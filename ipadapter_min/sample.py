@@ -622,7 +622,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args, groups, sweep = parse_command(list(sys.argv[1:] if argv is None else argv))
         paths = validate(args, groups, sweep)
-        torch.set_num_threads(args.threads or threads)  # None: torch's default
+        if args.threads:
+            torch.set_num_threads(args.threads)
         sd, controls, prompts = load_models(args, groups)
         firsts = []
         for number, (cell, cell_paths) in enumerate(zip(sweep.cells(), paths)):

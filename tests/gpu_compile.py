@@ -142,7 +142,9 @@ def ptxas_available() -> bool:
 
 
 if __name__ == "__main__":
-    # one compile per core (each is one Python thread plus ptxas), the rows in CASES' order
-    with ProcessPoolExecutor(os.cpu_count() or 1, mp_context=multiprocessing.get_context("spawn")) as pool:
+    # one compile per core (each is one Python thread plus ptxas), the rows in CASES' order; at
+    # most 8 workers, each a Python with torch and Triton imported (~0.4 GB)
+    workers = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8)
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         for row in pool.map(compile_default_config, CASES):
             print(json.dumps(row), flush=True)

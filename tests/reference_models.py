@@ -7,6 +7,8 @@ import gc
 import gzip
 import json
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -46,21 +48,38 @@ def text_kwargs(size: str) -> dict:
                 bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
 
 
-@torch.no_grad()
-def randomize_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Random weights quickly: U(±1/√fan_in) for weights and biases (the scale of PyTorch's default
-    init, so activations stay in a sane range), and norm scales/offsets near 1 and 0 but not equal,
-    so that a swapped or missing norm parameter shows."""
-    g = torch.Generator().manual_seed(seed)
-    for name, p in module.named_parameters():
-        if p.dim() >= 2:
-            bound = 1 / math.sqrt(p[0].numel())
-            p.uniform_(-bound, bound, generator=g)  # in place: the full UNet's 860 M in half the time
-        elif "norm" in name and name.endswith("weight"):
-            p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
-        else:
-            p.copy_(0.05 * torch.randn(p.shape, generator=g))
+def fill_parameters_(module: torch.nn.Module, seed: int, fill) -> torch.nn.Module:
+    """Every parameter of ``module`` set in place by ``fill(name, parameter, generator)``, each
+    from its own generator (seeded from ``seed`` and the parameter's place in the module), so that
+    every core fills some. Most of the time is the first touch of the fresh memory, which runs in
+    parallel (measured: 3.5 GB of parameters in 7.2-10.8 s on one thread, 4.1 s on two)."""
+    def fill_one(item):
+        index, (name, p) = item
+        with torch.no_grad():  # per thread
+            fill(name, p, torch.Generator().manual_seed(seed * 100_000 + index))
+
+    workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(fill_one, enumerate(module.named_parameters())))
     return module
+
+
+def default_init_(name: str, p: torch.nn.Parameter, g: torch.Generator) -> None:
+    """U(±1/√fan_in) for weights and biases (the scale of PyTorch's default init, so activations
+    stay in a sane range), and norm scales/offsets near 1 and 0 but not equal, so that a swapped
+    or missing norm parameter shows."""
+    if p.dim() >= 2:
+        bound = 1 / math.sqrt(p[0].numel())
+        p.uniform_(-bound, bound, generator=g)
+    elif "norm" in name and name.endswith("weight"):
+        p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+    else:
+        p.copy_(0.05 * torch.randn(p.shape, generator=g))
+
+
+def randomize_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Random weights quickly (default_init_), in place."""
+    return fill_parameters_(module, seed, default_init_)
 
 
 def make_unet(size: str, seed: int = 0, in_channels: int = 4):
@@ -259,13 +278,15 @@ def random_hf_model(cfg: ImageEncoderConfig, seed: int = 0):
     with torch.device("meta"):
         model = CLIPVisionModelWithProjection(hf_config(cfg))
     model.to_empty(device="cpu")
-    gen = torch.Generator().manual_seed(seed)
+
+    def fill(name: str, p: torch.nn.Parameter, g: torch.Generator) -> None:
+        std = 1 / math.sqrt(p[0].numel()) if p.ndim >= 2 and "position" not in name else 0.02
+        p.uniform_(-std * math.sqrt(3), std * math.sqrt(3), generator=g)
+        if "norm" in name and name.endswith(".weight"):
+            p.add_(1.0)
+
+    fill_parameters_(model, seed, fill)
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            std = 1 / math.sqrt(p[0].numel()) if p.ndim >= 2 and "position" not in name else 0.02
-            p.uniform_(-std * math.sqrt(3), std * math.sqrt(3), generator=gen)
-            if "norm" in name and name.endswith(".weight"):
-                p.add_(1.0)
         ids = model.vision_model.embeddings.position_ids  # a buffer that to_empty left garbage
         ids.copy_(torch.arange(ids.shape[-1]).expand_as(ids))
     return model.eval()

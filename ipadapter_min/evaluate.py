@@ -31,7 +31,7 @@ from .distributed import Processes
 from .formats.files import message, write_atomically
 from .ip_layers import expand_scale
 from .ip_pipeline import IPAdapterPipeline
-from .pipeline import check_size
+from .option_types import Parser, finite, integer, side
 from .sample import DTYPES, parse_scale, save_png
 from .training_data import Pair, check_images, open_rgb, read_coco, read_pairs
 
@@ -43,7 +43,7 @@ INTERVAL = ("95% interval of the mean by the normal approximation, mean ± 1.96�
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python -m ipadapter_min.evaluate",
         description="Evaluate an IP-Adapter as the paper does: for each image/caption pair generate --num-images "
                     "images from the image prompt, and score each with CLIP: CLIP-I = cosine of the CLIP image "
@@ -70,22 +70,22 @@ def build_parser() -> argparse.ArgumentParser:
                       help="COCO's captions file (captions_val2017.json); each image's first caption is used, "
                            "images in id order")
     data.add_argument("--coco-images", type=Path, metavar="DIR", help="folder of the COCO images (val2017/)")
-    data.add_argument("--limit", type=int, metavar="N",
+    data.add_argument("--limit", type=integer(1, 10 ** 9), metavar="N",
                       help="evaluate only the first N pairs (default: all; the paper: 5000)")
     gen = p.add_argument_group("generation", "defaults are the paper's")
-    gen.add_argument("--num-images", type=int, default=4, metavar="K",
+    gen.add_argument("--num-images", type=integer(1), default=4, metavar="K",
                      help="generations per pair, K (default %(default)s)")
-    gen.add_argument("--steps", type=int, default=50, help="DDIM steps (default %(default)s)")
-    gen.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default %(default)s)")
+    gen.add_argument("--steps", type=integer(1), default=50, help="DDIM steps (default %(default)s)")
+    gen.add_argument("--guidance", type=finite, default=7.5, help="classifier-free guidance scale (default %(default)s)")
     gen.add_argument("--scale", type=parse_scale, default=1.0, help="λ, a number or a per-block JSON dict as "
                      "python -m ipadapter_min.sample takes (default %(default)s)")
     gen.add_argument("--with-text", action="store_true", help="use the caption as the text prompt too (default: "
                      "image prompt only, empty text prompt)")
-    gen.add_argument("--seed", type=int, default=0, help="generation g of pair i uses the seed "
+    gen.add_argument("--seed", type=integer(0, 2 ** 64 - 1), default=0, help="generation g of pair i uses the seed "
                      "numpy.random.SeedSequence([SEED, i, g]).generate_state(1)[0] (in scores.csv), so results "
                      "do not depend on sharding; python -m ipadapter_min.sample --seed S remakes that image "
                      "(default %(default)s)")
-    gen.add_argument("--resolution", type=int, default=512,
+    gen.add_argument("--resolution", type=side, default=512,
                      help="generated image width and height, a multiple of 8 (default %(default)s)")
     clip = p.add_argument_group("CLIP scoring model (run in fp32)")
     clip.add_argument("--clip", required=True, type=Path, metavar="FILE",
@@ -112,15 +112,8 @@ def validate(args: argparse.Namespace) -> list[Pair]:
     for flag in ("model", "ip_adapter", "image_encoder", "clip"):
         if not getattr(args, flag).exists():
             raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: no such file or folder")
-    if args.num_images < 1:
-        raise ValueError(f"--num-images must be at least 1, got {args.num_images}")
-    if args.limit is not None and args.limit < 1:
-        raise ValueError(f"--limit must be at least 1, got {args.limit}")
     if not 1 <= args.steps <= DDIM.max_steps:
         raise ValueError(f"--steps must be in [1, {DDIM.max_steps}], got {args.steps}")
-    if args.seed < 0:
-        raise ValueError(f"--seed must be non-negative, got {args.seed}")
-    check_size(args.resolution, args.resolution)
     expand_scale(args.scale)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: no CUDA device is available here (use --device cpu)")

@@ -35,8 +35,11 @@ from .ip_adapter import COMBINE, EMBEDS_SCALING
 from .ip_pipeline import ImagePromptInput, image_prompt_hook, load_image_prompt_models
 from .png_parameters import generation_parameters
 from .negative_noise import KINDS as NOISE_KINDS, negative_noise
+from .option_types import MAX_SIDE, Parser, finite, fraction, integer, side
 from .weight_types import WEIGHT_TYPES, weight_type
 from .formats.lora import lora_argument
+from .formats.sd15 import declared_configs
+from .generation_memory import check_fits
 from .loading import load_controlnet, load_t2i_adapter
 from .long_prompts import LONG_PROMPT_MODES
 from .pipeline import DEFAULT_SIZE, StableDiffusion, check_size
@@ -55,7 +58,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python -m ipadapter_min.sample",
         description="Generate images with Stable Diffusion 1.5 (classifier-free guidance; DDIM or another "
                     "--sampler). The same seed gives the same image as diffusers' StableDiffusionPipeline with "
@@ -76,23 +79,23 @@ def build_parser() -> argparse.ArgumentParser:
                         "diffusion_pytorch_model.safetensors)")
     p.add_argument("--prompt", default="", help="what the image should show")
     p.add_argument("--negative-prompt", default="", help="what the image should not show (used by guidance)")
-    p.add_argument("--steps", type=int, default=30, help="denoising steps")
+    p.add_argument("--steps", type=integer(1), default=30, help="denoising steps")
     p.add_argument("--sampler", type=comma_list(sampler_name), default="ddim", metavar="NAME[,NAME…]",
                    help="how the steps are taken, each as diffusers' scheduler of that name built from SD1.5's "
                         "scheduler config: " + "; ".join(f"{name}: {text}"
                                                           for name, text in SAMPLER_DESCRIPTIONS.items()))
-    p.add_argument("--eta", type=float,
+    p.add_argument("--eta", type=fraction,
                    help="DDIM's η in [0, 1]: the share of fresh noise added at each step (0, the default, is "
                         "deterministic; 1 is like DDPM). --sampler ddim only")
-    p.add_argument("--guidance", type=comma_list(float), default="7.5", metavar="G[,G…]",
+    p.add_argument("--guidance", type=comma_list(finite), default="7.5", metavar="G[,G…]",
                    help="classifier-free guidance scale; ≤ 1 turns it off")
     p.add_argument("--seed", type=comma_list(int), default="0", metavar="SEED[,SEED…]",
                    help="seed of the starting noise (drawn on the CPU, as diffusers does); -1 draws one at random, "
                         "prints it and records it in the PNG (in a list, write --seed=-1,-1,-1)")
-    p.add_argument("--width", type=int, help="image width, a multiple of 8 (default 512; the demo model's 64)")
-    p.add_argument("--height", type=int, help="image height, a multiple of 8 (default 512; the demo model's 64)")
-    p.add_argument("--num-images", type=int, default=1, help="images to generate; several are written as OUT-0.png, OUT-1.png, …")
-    p.add_argument("--clip-skip", type=int, default=0, help="stop the text encoder this many layers early (diffusers' clip_skip)")
+    p.add_argument("--width", type=side, help="image width, a multiple of 8 (default 512; the demo model's 64)")
+    p.add_argument("--height", type=side, help="image height, a multiple of 8 (default 512; the demo model's 64)")
+    p.add_argument("--num-images", type=integer(1), default=1, help="images to generate; several are written as OUT-0.png, OUT-1.png, …")
+    p.add_argument("--clip-skip", type=integer(0, 11), default=0, help="stop the text encoder this many layers early (diffusers' clip_skip)")
     p.add_argument("--long-prompt", choices=LONG_PROMPT_MODES, default="truncate",
                    help="a prompt over CLIP's 75 tokens: truncate drops the rest with a warning naming the words "
                         "dropped (diffusers); chunk encodes it 75 tokens at a time and joins the chunks "
@@ -114,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "four phases (ipadapter_min.cpu_convolutions): about 15%% less time per image at 256 px, "
                    "up to ~2 GB more memory at full size; pixels move by fp32 rounding, so images differ from "
                    "runs without it by 1/255 here and there")
-    p.add_argument("--threads", type=int, metavar="N",
+    p.add_argument("--threads", type=integer(1, 4096), metavar="N",
                    help="CPU threads for torch (default: torch's; 1 for the demo model, whose layers are too small "
                         "to share: as fast on an idle machine, and not slowed many times over by a busy one)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -124,14 +127,14 @@ def build_parser() -> argparse.ArgumentParser:
         "multiple of 8) unless --width/--height say otherwise. Both combine with an image prompt.")
     edit.add_argument("--init-image", type=Path, metavar="FILE",
                       help="img2img: the picture to start from (with --mask: the picture to repaint)")
-    edit.add_argument("--strength", type=float,
+    edit.add_argument("--strength", type=finite,
                       help="how much of the picture is noised away, in (0, 1]: 1 keeps only faint traces, 0.3 keeps "
                            "most of it; runs that fraction of --steps (default 0.8 for img2img and 1.0 for "
                            "inpainting, as diffusers)")
     edit.add_argument("--mask", type=Path, metavar="FILE",
                       help="inpainting: white repaints, black keeps (with --init-image). Works with a regular SD1.5 "
                            "and with the 9-channel inpainting checkpoints (sd-v1-5-inpainting)")
-    edit.add_argument("--mask-crop", type=int, metavar="PAD",
+    edit.add_argument("--mask-crop", type=integer(0, MAX_SIDE), metavar="PAD",
                       help="inpaint only the mask's bounding box widened by PAD pixels, at the output size, and paste "
                            "the result back into the whole picture (diffusers' padding_mask_crop): more detail "
                            "for a small mask in a large picture")
@@ -146,11 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
                               "folder, or a converted file")
     control.add_argument("--control-image", type=Path, action="append", metavar="FILE",
                          help="the control image of the --controlnet at the same position")
-    control.add_argument("--control-scale", type=float, action="append", metavar="S",
+    control.add_argument("--control-scale", type=finite, action="append", metavar="S",
                          help="how strongly the ControlNet acts (default 1.0)")
-    control.add_argument("--control-start", type=float, action="append", metavar="F",
+    control.add_argument("--control-start", type=fraction, action="append", metavar="F",
                          help="the fraction of the steps after which it starts acting (default 0.0)")
-    control.add_argument("--control-end", type=float, action="append", metavar="F",
+    control.add_argument("--control-end", type=fraction, action="append", metavar="F",
                          help="the fraction of the steps after which it stops acting (default 1.0)")
     control.add_argument("--guess-mode", action="store_true",
                          help="the ControlNets guide the prompt's half of classifier-free guidance only, their "
@@ -166,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     t2i.add_argument("--adapter-image", type=Path, action="append", metavar="FILE",
                      help="the control image of the --t2i-adapter at the same position (grayscale for sketch and "
                           "canny adapters: colour images are converted)")
-    t2i.add_argument("--adapter-scale", type=float, action="append", metavar="S",
+    t2i.add_argument("--adapter-scale", type=finite, action="append", metavar="S",
                      help="how strongly the T2I-Adapter acts (default 1.0)")
     ip = p.add_argument_group(
         "image prompt (IP-Adapter)",
@@ -195,9 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     ip.add_argument("--image-mask", type=Path, nargs="+", action="extend", metavar="FILE",
                     help="one mask per --image (white: where that image acts; diffusers' ip_adapter_masks), of the "
                          "output's aspect ratio; each image then gets its own attention")
-    ip.add_argument("--start", type=float, help="the fraction of the steps after which the image starts acting "
+    ip.add_argument("--start", type=fraction, help="the fraction of the steps after which the image starts acting "
                     "(default 0.0)")
-    ip.add_argument("--end", type=float, help="the fraction of the steps after which it stops (default 1.0)")
+    ip.add_argument("--end", type=fraction, help="the fraction of the steps after which it stops (default 1.0)")
     ip.add_argument("--sigma-range", action="store_true",
                     help="read --start/--end as ComfyUI's start_at/end_at: fractions turned into noise levels σ "
                          "(percent_to_sigma), the image acting while σ lies between them, instead of fractions of "
@@ -206,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="ComfyUI_IPAdapter_plus's weight type: λ per layer from --scale as its weight (e.g. "
                          "'style transfer' uses the style layers only, 'composition' the layout ones); one of: "
                          + ", ".join(WEIGHT_TYPES))
-    ip.add_argument("--composition-weight", type=float,
+    ip.add_argument("--composition-weight", type=finite,
                     help="the second weight of 'style and composition' (default 1.0) and of the precise types "
                          "(their style_boost / composition_boost; default the weight)")
     ip.add_argument("--embeds-scaling", metavar="MODE",
@@ -341,10 +344,9 @@ def validate(args: argparse.Namespace, groups: list[argparse.Namespace] | None =
     args.dtype = args.dtype or ("fp16" if args.device.startswith("cuda") else "fp32")
     for cell in sweep.cells():
         validate_sampler(cell.values.get("sampler", args.sampler), args.steps, args.eta)
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads must be at least 1, got {args.threads}")
-    if args.num_images < 1:
-        raise ValueError(f"--num-images must be at least 1, got {args.num_images}")
+    configs = declared_configs(args.model)
+    check_fits(configs["unet"], configs["vae"], args.width, args.height, args.num_images, DTYPES[args.dtype],
+               args.device)
     for group in groups:
         validate_image_prompt(group, args.width, args.height)
     for cell in sweep.cells():
@@ -353,8 +355,6 @@ def validate(args: argparse.Namespace, groups: list[argparse.Namespace] | None =
     if args.reference_attention and not groups[0].ip_adapter:
         raise ValueError("--reference-attention applies to an image prompt: give --ip-adapter, --image-encoder "
                          "and --image")
-    if not 0 <= args.clip_skip < 12:
-        raise ValueError(f"--clip-skip must be in [0, 11], got {args.clip_skip}")
     paths = sweep_paths(args.out, sweep, args.num_images)
     saved = [g.save_embeds for g in groups if g.ip_adapter and g.save_embeds is not None]
     existing = [p for p in [*sum(paths, []), *([args.out] if sweep else []), *saved] if p.exists()]
@@ -435,9 +435,10 @@ def validate_image_prompt(group: argparse.Namespace, width: int, height: int) ->
         if kind not in NOISE_KINDS:
             raise ValueError(f"--negative-noise {group.negative_noise}: the kind is one of {', '.join(NOISE_KINDS)}")
         try:
-            group.noise = (kind, float(strength or 1.0))
-        except ValueError:
-            raise ValueError(f"--negative-noise {group.negative_noise}: the strength after ':' must be a number") from None
+            group.noise = (kind, finite(strength or "1.0"))
+        except argparse.ArgumentTypeError:
+            raise ValueError(f"--negative-noise {group.negative_noise}: the strength after ':' must be a finite "
+                             "number") from None
     if group.save_embeds is not None and group.save_embeds.suffix != ".safetensors":
         raise ValueError(f"--save-embeds must name a .safetensors file, got {group.save_embeds}")
 
@@ -451,8 +452,6 @@ def validate_editing(args: argparse.Namespace) -> None:
         raise ValueError("--strength applies to img2img and inpainting: give --init-image")
     if args.strength is not None and not 0 < args.strength <= 1:
         raise ValueError(f"--strength must be in (0, 1], got {args.strength}")
-    if args.mask_crop is not None and args.mask_crop < 0:
-        raise ValueError(f"--mask-crop must be 0 or more pixels, got {args.mask_crop}")
     images = {flag: read(path, flag) for read, flag, path in ((open_image, "--init-image", args.init_image),
                                                                (open_mask, "--mask", args.mask))
               if path is not None}  # a missing or unreadable file fails before any loading
@@ -604,8 +603,9 @@ def parse_command(argv: list[str]) -> tuple[argparse.Namespace, list[argparse.Na
     """(the arguments, the image-prompt groups, the sweep): ``--from-png`` expanded (the command
     line run kept as ``args.argv``), ``--seed -1`` drawn, comma lists made the sweep's axes and
     each option set to its first value."""
-    argv = rerun.expand(argv)
-    args, groups = image_prompt_args.parse(argv, build_parser())
+    parser = build_parser()
+    argv = rerun.expand(argv, parser)
+    args, groups = image_prompt_args.parse(argv, parser)
     args.argv = argv
     draw_seeds(args)
     return args, groups, Sweep.from_args(args, groups)

@@ -29,6 +29,7 @@ from .formats.image_encoder import read_image_encoder
 from .formats.ip_adapter import read_ip_adapter, save_official
 from .formats.sd15 import read_sd15
 from .ip_pipeline import check_compatible
+from .option_types import Parser, at_least, integer, side
 from .loading import check_context_width, image_encoder_from_checkpoint, ip_adapter_from_checkpoint, sd15_from_checkpoint
 from .training import VARIANTS, AdapterLoss, FrozenEncoders, StepDraws, new_adapter, step_generator, variant_spec
 from .training_cache import CachedDataset, TrainingCache, file_fingerprint
@@ -37,13 +38,14 @@ from .training_checkpoint import (checkpoint_folder, find_checkpoint, load_check
 from .training_data import PairDataset, RankBatches, check_images, read_pairs
 
 PRECISIONS = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+MAX_STEPS = 10 ** 9  # the paper trained for 1M steps
 LOG_FIELDS = ["step", "loss", "samples_per_second", "elapsed_seconds", "skipped_images"]
 # The settings a resumed run must share with the checkpoint to go on bit for bit.
 RECIPE = ["variant", "resolution", "global_batch", "seed", "lr", "weight_decay", "mixed_precision", "pairs"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python -m ipadapter_min.train",
         description="Train an IP-Adapter for Stable Diffusion 1.5 as the official tutorial_train.py does: "
                     "UNet, VAE, text and image encoders frozen; the image projection and the 16 to_k_ip/to_v_ip "
@@ -64,24 +66,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="base: 4 tokens from the CLIP embedding; plus: 16 from the patch features (Resampler); "
                         "full-face: 257 from the patch features")
     p.add_argument("--init", type=Path, help="start from this IP-Adapter file instead of a fresh adapter")
-    p.add_argument("--resolution", type=int, default=512, help="training image size (short side resized, centre crop)")
-    p.add_argument("--batch-size", type=int, default=8, help="samples per process per micro-step")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
-    p.add_argument("--steps", type=int, default=1000, help="optimizer steps in all (0 writes the initial adapter)")
-    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (constant)")
-    p.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW weight decay")
-    p.add_argument("--seed", type=int, default=42, help="seeds the adapter's init, the data order and every draw")
+    p.add_argument("--resolution", type=side, default=512, help="training image size (short side resized, centre crop)")
+    p.add_argument("--batch-size", type=integer(1), default=8, help="samples per process per micro-step")
+    p.add_argument("--grad-accum", type=integer(1), default=1, help="micro-steps per optimizer step")
+    p.add_argument("--steps", type=integer(0, MAX_STEPS), default=1000, help="optimizer steps in all (0 writes the initial adapter)")
+    p.add_argument("--lr", type=at_least(0), default=1e-4, help="AdamW learning rate (constant)")
+    p.add_argument("--weight-decay", type=at_least(0), default=1e-2, help="AdamW weight decay")
+    p.add_argument("--seed", type=integer(0, 2 ** 64 - 1), default=42, help="seeds the adapter's init, the data order and every draw")
     p.add_argument("--mixed-precision", choices=sorted(PRECISIONS), default="no",
                    help="frozen encoders in this dtype and the UNet under autocast (as the reference's accelerate "
                         "setting); fp16 scales the loss")
-    p.add_argument("--save-every", type=int, default=2000, help="write a checkpoint every N steps (0: only at the end)")
+    p.add_argument("--save-every", type=integer(0, MAX_STEPS), default=2000, help="write a checkpoint every N steps (0: only at the end)")
     p.add_argument("--resume", type=Path, help="a checkpoint folder, or a run's --out folder (its latest checkpoint): "
                    "goes on bit for bit, with the checkpoint's settings")
     p.add_argument("--cache", type=Path, help="precompute the VAE latents (mean and std) and image features once "
                    "into this folder; later epochs skip the VAE and image encoders")
     p.add_argument("--out", required=True, type=Path, help="output folder (must not exist, unless --resume is in it)")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes reading images")
+    p.add_argument("--workers", type=integer(0, 256), default=0, help="DataLoader worker processes reading images")
     p.add_argument("--device", help="torch device (default: cuda if available, under torchrun cuda:LOCAL_RANK)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return p
@@ -89,13 +91,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def validate(args: argparse.Namespace) -> list:
     """Every check that needs no model: bad input fails in seconds, before any loading."""
-    for name, value, minimum in (("--batch-size", args.batch_size, 1), ("--grad-accum", args.grad_accum, 1),
-                                 ("--steps", args.steps, 0), ("--save-every", args.save_every, 0),
-                                 ("--workers", args.workers, 0)):
-        if value < minimum:
-            raise ValueError(f"{name} must be at least {minimum}, got {value}")
-    if args.resolution <= 0 or args.resolution % 8:
-        raise ValueError(f"--resolution must be a positive multiple of 8, got {args.resolution}")
     for flag, path in (("--model", args.model), ("--image-encoder", args.image_encoder), ("--init", args.init)):
         if path is not None and not path.exists():
             raise ValueError(f"{flag} {path}: no such file or folder")

@@ -137,7 +137,6 @@ def test_sampler_and_guidance_lists(tmp_path):
     (["--seed", "1,2", "--eta", "0.5", "--sampler", "ddim,euler"], "--eta applies to --sampler ddim only"),
     (["--seed", "-2"], "--seed must be in [0, 2**64) or -1"),
     (["--seed", "1,1"], "two images of the sweep would both be"),
-    (["--threads", "0"], "--threads must be at least 1, got 0"),
 ])
 def test_bad_lists_are_refused_before_loading(tmp_path, capsys, extra, message):
     assert sample.main(["--prompt", "a", "--out", str(tmp_path / "x.png"), *extra]) == 2
@@ -145,12 +144,23 @@ def test_bad_lists_are_refused_before_loading(tmp_path, capsys, extra, message):
     assert message in err and err.count("\n") == 1 and not list(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("extra,message", [(["--sampler", "ddim,dpm"], "not a sampler: choose from ddim"),
-                                           (["--scale", "0,x"], "numbers separated by commas, or a JSON dict, got '0,x'")])
-def test_bad_list_values_are_argparse_errors(tmp_path, capsys, extra, message):
+@pytest.mark.parametrize("extra,message", [
+    (["--sampler", "ddim,dpm"], "not a sampler: choose from ddim"),
+    (["--scale", "0,x"], "numbers separated by commas, or a JSON dict, got '0,x'"),
+    (["--threads", "0"], "argument --threads: 0 is outside [1, 4096]"),
+    (["--guidance", "nan"], "argument --guidance: nan is not a finite number"),
+    (["--guidance", "7,inf"], "argument --guidance: inf is not a finite number"),
+    (["--width", "100000"], "argument --width: 100000 is outside [8, 16384]"),
+    (["--height", "500"], "argument --height: 500 is not a multiple of 8"),
+    (["--num-images", "0"], "argument --num-images: 0 is outside [1, 100000]"),
+    (["--start", "nan"], "argument --start: nan is not a finite number"),
+    (["--control-scale=-inf"], "argument --control-scale: -inf is not a finite number"),
+])
+def test_bad_values_are_argparse_errors_in_one_line(tmp_path, capsys, extra, message):
     with pytest.raises(SystemExit) as exit:
         sample.main(["--prompt", "a", "--out", str(tmp_path / "x.png"), *extra])
-    assert exit.value.code == 2 and message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and message in err and err.count("\n") == 1, err
 
 
 def test_dtype_defaults_to_fp16_on_cuda_only(monkeypatch, tmp_path):
@@ -191,3 +201,75 @@ def test_shortened_flags_are_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         sample.main(["--from", str(tmp_path / "x.png")])
     assert "unrecognized arguments: --from" in capsys.readouterr().err
+
+
+def hostile_png(path, argv: list[str]) -> None:
+    """A PNG as anyone can make one: any record at all in the ipadapter_min chunk."""
+    from PIL import PngImagePlugin
+    info = PngImagePlugin.PngInfo()
+    info.add_text(rerun.CHUNK, rerun.record(argv))
+    Image.new("RGB", (8, 8)).save(path, pnginfo=info)
+
+
+def test_a_shared_png_cannot_choose_what_is_written(tmp_path, monkeypatch, capsys):
+    """Its record asks to overwrite a file the user never named, to save embeddings and to set the
+    threads; only the image's description is taken, and the victim keeps its bytes."""
+    monkeypatch.chdir(tmp_path)
+    victim = tmp_path / "victim.png"
+    victim.write_bytes(b"the user's own file")
+    hostile_png(tmp_path / "shared.png", [
+        "--prompt", "a red \x1b[2Jcircle\nrm -rf ~", "--steps", "3", "--seed", "5", "--out", str(victim), "--force",
+        "--save-embeds", str(tmp_path / "embeds.safetensors"), "--threads", "7", "--out=" + str(victim),
+        "--from-png", str(tmp_path / "shared.png"), "stray"])
+    assert sample.main(["--from-png", "shared.png", "--out", "mine.png", "--no-progress"]) == 0
+    assert victim.read_bytes() == b"the user's own file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.png", "shared.png", "victim.png"]
+    out, err = capsys.readouterr()
+    [running] = [line for line in out.splitlines() if line.startswith("running: ")]
+    assert "victim" not in running and "--threads" not in running and "\x1b" not in running
+    assert running.endswith("--steps 3 --seed 5 --out mine.png --no-progress")
+    assert "$'a red \\x1b[2Jcircle\\nrm -rf ~'" in running  # the record's control characters shown, not obeyed
+    assert "not taken from its record" in err and "--out --force --save-embeds --threads --from-png stray" in err
+    assert "\x1b" not in err
+    # the same record, given no --out: the command's default, never the record's
+    assert sample.main(["--from-png", "shared.png", "--no-progress"]) == 0
+    assert (tmp_path / "out.png").is_file() and victim.read_bytes() == b"the user's own file"
+
+
+def test_a_recorded_file_that_is_missing_names_its_option(reference, tmp_path, capsys):
+    hostile_png(tmp_path / "shared.png", ["--prompt", "", "--image", str(tmp_path / "gone.png"), "--steps", "3"])
+    out = tmp_path / "o.png"
+    assert sample.main(["--from-png", str(tmp_path / "shared.png"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"its record reads --image {tmp_path / 'gone.png'}, which is not here" in err
+    assert "give --image FILE to supply it" in err and not out.exists()
+    # the option given with --from-png supplies the missing file
+    assert sample.main(["--from-png", str(tmp_path / "shared.png"), "--image", str(reference), "--out", str(out),
+                        "--no-progress"]) == 0
+    assert a1111.parse(Image.open(out).text["parameters"])["IP-Adapter image"] == "ref.png"
+
+
+def test_a_record_giving_an_option_without_its_value_is_refused(tmp_path, capsys):
+    """Else the user's first option would become its value."""
+    hostile_png(tmp_path / "shared.png", ["--steps", "3", "--prompt"])
+    assert sample.main(["--from-png", str(tmp_path / "shared.png"), "--out", str(tmp_path / "o.png")]) == 2
+    err = capsys.readouterr().err
+    assert "its record gives --prompt without its value" in err and err.count("\n") == 1
+
+
+def test_a_generation_that_cannot_fit_is_refused_at_once(tmp_path, capsys, monkeypatch):
+    """16384² on the demo model: the VAE decoder alone would need ~288 GiB. Refused before any
+    loading, in well under a second, with both figures."""
+    import time
+    from ipadapter_min import generation_memory
+    start = time.perf_counter()
+    assert sample.main(["--width", "16384", "--height", "16384", "--out", str(tmp_path / "o.png")]) == 2
+    seconds = time.perf_counter() - start
+    err = capsys.readouterr().err
+    assert seconds < 0.5 and err.count("\n") == 1 and "16384×16384, 1 image at a time" in err, (seconds, err)
+    assert "GiB of activations, and cpu has" in err and not list(tmp_path.iterdir())
+    # the same check refuses a small image when the device has less free than it needs
+    monkeypatch.setattr(generation_memory, "free_bytes", lambda device: 2 ** 20)
+    assert sample.main(["--num-images", "4", "--out", str(tmp_path / "o.png")]) == 2
+    assert ("64×64, 4 images at a time: the generation needs about 18 MiB of activations, and cpu has 1 MiB free"
+            in capsys.readouterr().err)

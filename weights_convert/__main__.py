@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ipadapter_min.formats.files import message
+from ipadapter_min.option_types import Parser
 
 from .convert import write_controlnet, write_image_encoder, write_ip_adapter, write_sd15, write_t2i_adapter
 
@@ -34,7 +35,7 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m weights_convert", description=__doc__,
+    p = Parser(prog="python -m weights_convert", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="kind", required=True, metavar="KIND")
     for kind, (_, help_text) in COMMANDS.items():

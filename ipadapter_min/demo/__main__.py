@@ -15,12 +15,13 @@ import torch
 
 from .. import demo
 from ..formats.files import message, write_atomically
+from ..option_types import Parser, integer
 from .evaluation import evaluate_demo
 from .stages import STAGES
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ipadapter_min.demo", description=__doc__,
+    p = Parser(prog="python -m ipadapter_min.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train the demo's models (all stages in order, or --stage)")
@@ -28,16 +29,16 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--stage", choices=list(STAGES), action="append",
                        help="run only this stage (repeatable); default: every stage in order")
     train.add_argument("--smoke", action="store_true", help="a few steps per stage: checks the whole path in seconds")
-    train.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    train.add_argument("--threads", type=integer(1, 4096), help="torch CPU threads (default: torch's)")
     train.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     evaluate = sub.add_parser("evaluate", help="judge how well the demo model follows text and image prompts")
     evaluate.add_argument("--weights", type=Path, default=demo.WEIGHTS,
                           help="the demo weights folder (default: the package's; or a train run's OUT/weights)")
-    evaluate.add_argument("--references", type=int, default=200, help="held-out reference scenes")
-    evaluate.add_argument("--steps", type=int, default=30, help="DDIM steps per image")
+    evaluate.add_argument("--references", type=integer(1), default=200, help="held-out reference scenes")
+    evaluate.add_argument("--steps", type=integer(1, 1000), default=30, help="DDIM steps per image")
     evaluate.add_argument("--pictures", type=Path, help="also draw the λ sweep and text + image grids here")
     evaluate.add_argument("--json", type=Path, help="also write the report here")
-    evaluate.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    evaluate.add_argument("--threads", type=integer(1, 4096), help="torch CPU threads (default: torch's)")
     evaluate.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = p.parse_args(argv)
     if args.threads:

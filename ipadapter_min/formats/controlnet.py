@@ -15,7 +15,6 @@ model (``*shuffle*`` in the file name, as ComfyUI decides it) pools its residual
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -97,6 +96,4 @@ def controlnet_metadata(cfg: ControlNetConfig) -> dict[str, str]:
 
 
 def controlnet_config_from_json(text: str) -> ControlNetConfig:
-    fields = json.loads(text)
-    unet = config_from_json(UNetConfig, json.dumps(fields.pop("unet")))
-    return ControlNetConfig(unet=unet, **{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+    return config_from_json(ControlNetConfig, text)

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import torch
 
 from ..configs import TextEncoderConfig, UNetConfig, VAEConfig
-from .files import Checkpoint, CheckpointError, read_metadata, read_state_dict
+from .files import Checkpoint, CheckpointError, one_line, read_metadata, read_state_dict
 
 FORMAT = "ipadapter_min.sd15"
 PARTS = {"unet": UNetConfig, "vae": VAEConfig, "text_encoder": TextEncoderConfig}  # key prefix → config
@@ -191,7 +192,7 @@ def weights_file(folder: Path, stems: tuple[str, ...]) -> Path:
     raise CheckpointError(f"{folder}: no weights file ({stems[0]}.safetensors or .bin)")
 
 
-def read_diffusers(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, object], dict[str, str]]:
+def read_diffusers_configs(folder: Path) -> dict[str, object]:
     unet_cfg = read_json(folder / "unet" / "config.json")
     refuse_other_diffusers(unet_cfg, folder)
     converters = {"unet": unet_config_from_diffusers, "vae": vae_config_from_diffusers,
@@ -202,6 +203,11 @@ def read_diffusers(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, obj
     if configs["unet"].context_dim != configs["text_encoder"].width:
         raise CheckpointError(f"{folder}: unet cross_attention_dim {configs['unet'].context_dim} differs from the "
                               f"text encoder's hidden_size {configs['text_encoder'].width}")
+    return configs
+
+
+def read_diffusers(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, object], dict[str, str]]:
+    configs = read_diffusers_configs(folder)
     tables = {"unet": unet_table(configs["unet"]), "vae": vae_table(configs["vae"]), "text_encoder": [("text_model.", "")]}
     tensors, origin = {}, {}
     for part, table in tables.items():
@@ -249,13 +255,15 @@ def single_file_unet_inputs(tensors: dict[str, torch.Tensor], path: Path) -> int
 
 def read_converted(path: Path, metadata: dict[str, str], parts: tuple[str, ...] = tuple(PARTS)
                    ) -> tuple[dict[str, torch.Tensor], dict[str, object], dict[str, str]]:
-    configs = {}
-    for part in parts:
-        try:
-            configs[part] = config_from_json(PARTS[part], metadata[f"{part}_config"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"{path}: metadata {part}_config is missing or invalid ({exc})") from None
+    configs = {part: converted_config(path, metadata, part) for part in parts}
     return read_state_dict(path), configs, {}
+
+
+def converted_config(path: Path, metadata: dict[str, str], part: str):
+    try:
+        return config_from_json(PARTS[part], metadata[f"{part}_config"])
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise CheckpointError(f"{path}: metadata {part}_config is missing or invalid ({one_line(exc)})") from None
 
 
 def read_converted_parts(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, object], dict[str, str]]:
@@ -274,9 +282,59 @@ def read_converted_parts(folder: Path) -> tuple[dict[str, torch.Tensor], dict[st
     return tensors, configs, {}
 
 
+MAX_CONFIG_NUMBER = 1 << 20  # no SD1.5 model has a width, count or size near this
+
+
 def config_from_json(config_cls, text: str):
-    fields = json.loads(text)
-    return config_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+    """A config written by ``sd15_metadata``, each field of its default's type and in range: the
+    numbers come from a file and size what gets built, so a string or a 10**12 is refused here."""
+    return config_from_fields(config_cls, json.loads(text))
+
+
+def config_from_fields(config_cls, fields):
+    if not isinstance(fields, dict):
+        raise ValueError(f"expected a JSON object, found {type(fields).__name__}")
+    defaults = {f.name: getattr(config_cls(), f.name) for f in dataclasses.fields(config_cls)}
+    unknown = sorted(set(fields) - set(defaults))
+    if unknown:
+        raise ValueError(f"unknown field {unknown[0]!r}")
+    return config_cls(**{k: checked_field(k, v, defaults[k]) for k, v in fields.items()})
+
+
+def checked_field(name: str, value, default):
+    if dataclasses.is_dataclass(default):
+        return config_from_fields(type(default), value)
+    if isinstance(default, tuple):
+        if not isinstance(value, list) or len(value) > 16:
+            raise ValueError(f"{name} must be a list of at most 16 numbers")
+        return tuple(checked_field(name, item, default[0] if default else 0) for item in value)
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be true or false, got {value!r}")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+        return float(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_CONFIG_NUMBER:
+        raise ValueError(f"{name} must be a whole number in [0, {MAX_CONFIG_NUMBER}], got {value!r}")
+    return value
+
+
+def declared_configs(path: str | Path) -> dict[str, object]:
+    """The model configs a checkpoint declares in its header alone (a converted file or folder, a
+    diffusers folder's config.json), read in milliseconds for checks made before loading; SD1.5's
+    for single files, whose configs are those of SD1.5."""
+    path = Path(path)
+    if path.is_dir() and (path / "unet.safetensors").is_file():
+        parts = {part: read_metadata(path / f"{part}.safetensors") for part in PARTS}
+    elif path.is_dir():
+        return read_diffusers_configs(path)
+    else:
+        parts = {part: read_metadata(path) for part in PARTS}
+    if all(metadata.get("format") == FORMAT for metadata in parts.values()):
+        return {part: converted_config(path, metadata, part) for part, metadata in parts.items()}
+    return {part: config() for part, config in PARTS.items()}
 
 
 def read_sd15(path: str | Path) -> tuple[Checkpoint, dict[str, object]]:

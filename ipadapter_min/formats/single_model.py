@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Callable
 
-from .files import Checkpoint, CheckpointError, read_state_dict
+from .files import Checkpoint, CheckpointError, one_line, read_state_dict
 from .sd15 import config_from, read_json, rename, weights_file
 
 
@@ -34,6 +34,6 @@ def read_converted_model(path: Path, metadata: dict[str, str], config_of_json: C
                          ) -> tuple[Checkpoint, object]:
     try:
         cfg = config_of_json(metadata["config"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{path}: metadata config is missing or invalid ({exc})") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise CheckpointError(f"{path}: metadata config is missing or invalid ({one_line(exc)})") from None
     return Checkpoint(read_state_dict(path), str(path)), cfg

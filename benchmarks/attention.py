@@ -43,6 +43,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ipadapter_min.formats.files import write_atomically
+
 # SD1.5 cross-attention layers (attn2) in UNet execution order: name, query length at
 # 512×512 (64×64 latent), heads, head dim.
 SD15_CROSS_ATTENTION_LAYERS = (
@@ -329,7 +331,8 @@ def main(argv=None) -> dict:
     slug = re.sub(r"[^a-z0-9]+", "-", ("cpu" if not cuda else device_name).lower()).strip("-")
     out = args.out or Path(__file__).resolve().parent / f"results-{slug}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    text = json.dumps(result, indent=1)
+    write_atomically(out, lambda tmp: Path(tmp).write_text(text), overwrite=True)
     print(f"\nwrote {out}")
     if not args.no_plot:
         _plot(result, out.with_suffix(".png"))
@@ -359,7 +362,7 @@ def _plot(result, path: Path) -> None:
     ax.set_title(f"decoupled cross-attention, SD1.5 512² CFG — {result['device']}", fontsize=9)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=120, format=Path(path).suffix[1:] or "png"), overwrite=True)
     print(f"wrote {path}")
 
 

@@ -26,6 +26,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ipadapter_min.formats.files import write_atomically
+
 FORMATS = {  # label → (file name in the work folder, loader)
     "diffusers folder → fp32 (diffusers)": ("diffusers", "diffusers"),
     "diffusers folder → fp32 (ours)": ("diffusers", "ours"),
@@ -154,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{label:38} {row['load_s']:7.2f} {row['touch_s']:9.2f} {row['growth'] / 1e9:15.2f} "
               f"{row['weights'] / 1e9:11.2f} {row['growth'] / row['weights']:6.2f}", flush=True)
     if args.out:
-        args.out.write_text(json.dumps(rows, indent=1))
+        text = json.dumps(rows, indent=1)
+        write_atomically(args.out, lambda tmp: Path(tmp).write_text(text), overwrite=True)
     return 0
 
 

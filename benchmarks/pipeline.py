@@ -53,7 +53,7 @@ import torch
 from benchmarks import loading
 from ipadapter_min.configs import AdapterSpec, TextEncoderConfig, UNetConfig, VAEConfig
 from ipadapter_min.cpu_convolutions import pack_convolutions
-from ipadapter_min.formats.files import save_safetensors
+from ipadapter_min.formats.files import save_safetensors, write_atomically
 from ipadapter_min.formats.ip_adapter import save_official
 from ipadapter_min.formats.sd15 import sd15_metadata
 from ipadapter_min.ip_adapter import IPAdapter
@@ -430,7 +430,8 @@ def main(argv=None) -> dict:
 
     def write():
         result["wall_s"] = time.perf_counter() - t_start
-        out.write_text(json.dumps(result, indent=1))
+        text = json.dumps(result, indent=1)
+        write_atomically(out, lambda tmp: Path(tmp).write_text(text), overwrite=True)
 
     weights, adapter = make_weights(workdir, SIZES[args.size], version is not None)
     result["weights"] = str(weights)
@@ -501,7 +502,7 @@ def _plot(result: dict, path: Path) -> None:
         ax.tick_params(axis="y", labelsize=7)
         ax.invert_yaxis()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=120, format=Path(path).suffix[1:] or "png"), overwrite=True)
     print(f"wrote {path}")
 
 

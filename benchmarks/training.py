@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from ipadapter_min.configs import ImageEncoderConfig, TextEncoderConfig, UNetConfig, VAEConfig
-from ipadapter_min.formats.files import save_safetensors
+from ipadapter_min.formats.files import save_safetensors, write_atomically
 from ipadapter_min.formats.image_encoder import image_encoder_metadata
 from ipadapter_min.formats.sd15 import sd15_metadata
 from ipadapter_min.image_encoder import ImageEncoder
@@ -117,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {name} | {results[name]['samples_per_second']:.3f} | {results[name]['wall_seconds']} |")
     print(f"--cache speed-up per step: ×{speed_up:.2f} (the cached run's wall time includes building the cache)")
     if args.json:
-        args.json.write_text(json.dumps(results, indent=1))
+        text = json.dumps(results, indent=1)
+        write_atomically(args.json, lambda tmp: Path(tmp).write_text(text), overwrite=True)
     return 0
 
 

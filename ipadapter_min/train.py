@@ -113,6 +113,11 @@ def validate(args: argparse.Namespace) -> list:
     return pairs
 
 
+def whole_row(row: dict) -> bool:
+    """A log row written to its end (the last one may be cut short by an interrupt)."""
+    return all(row.get(field) not in (None, "") for field in LOG_FIELDS) and row["step"].isdigit()
+
+
 class Log:
     """log.csv (and TensorBoard's event files when tensorboard is installed), rank 0 only. A
     resumed run keeps the rows up to its step and appends."""
@@ -124,7 +129,7 @@ class Log:
         path = out / "log.csv"
         kept = []
         if path.is_file() and start_step > 0:
-            kept = [row for row in csv.DictReader(path.open()) if int(row["step"]) <= start_step]
+            kept = [row for row in csv.DictReader(path.open()) if whole_row(row) and int(row["step"]) <= start_step]
         text = io.StringIO()
         writer = csv.DictWriter(text, LOG_FIELDS, lineterminator="\n")
         writer.writeheader()

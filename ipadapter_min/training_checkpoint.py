@@ -12,15 +12,12 @@ The data order and every random draw are functions of (seed, step), so no RNG st
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
-from .formats.files import read_state_dict
+from .formats.files import read_state_dict, write_atomically
 from .formats.ip_adapter import save_official, to_project_layout
 
 STATE_FILE, OPTIMIZER_FILE, ADAPTER_FILE = "state.json", "optimizer.pt", "ip-adapter.safetensors"
@@ -32,22 +29,14 @@ def checkpoint_folder(out: Path, step: int) -> Path:
 
 def save_checkpoint(folder: Path, adapter_state: dict[str, torch.Tensor], optimizer_state: dict, state: dict,
                     overwrite: bool = False) -> None:
-    """Write the checkpoint into a temporary folder beside ``folder`` and rename it into place."""
-    if folder.exists() and not overwrite:
-        raise FileExistsError(f"{folder} already exists (pass --force to overwrite it)")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
-    try:
+    """Write the checkpoint into a temporary folder beside ``folder`` and rename it into place, so
+    that an interrupted or failed save leaves the checkpoints before it whole, and no other."""
+    def write(tmp: str) -> None:
         save_official(adapter_state, tmp)
-        torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1, sort_keys=True))
-        os.chmod(tmp, 0o755)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        torch.save(optimizer_state, Path(tmp) / OPTIMIZER_FILE)
+        (Path(tmp) / STATE_FILE).write_text(json.dumps(state, indent=1, sort_keys=True))
+
+    write_atomically(folder, write, overwrite, folder=True)
 
 
 def saved_steps(out: Path) -> list[int]:

@@ -55,16 +55,18 @@ def write_demo_clip(weights: Path, folder: Path) -> tuple[Path, Path]:
     head = {k: v.float() for k, v in load_file(weights / "clip_text_projection.safetensors").items()}
     state, config = open_clip_checkpoint(text, image, head)
     save_safetensors(state, folder / "demo-clip.safetensors", {"format": "pt"}, overwrite=True)
-    (folder / "demo-clip.json").write_text(json.dumps(config))
+    text = json.dumps(config)
+    write_atomically(folder / "demo-clip.json", lambda tmp: Path(tmp).write_text(text), overwrite=True)
     return folder / "demo-clip.safetensors", folder / "demo-clip.json"
 
 
 def clip_scores(weights: Path, references: list, count: int, steps: int, folder: Path) -> dict:
     """CLIP-I / CLIP-T means from the real ``evaluate`` command, at λ = 0 and 1."""
     for i, (scene, image) in enumerate(references):
-        image.save(folder / f"ref-{i:04d}.png")
+        write_atomically(folder / f"ref-{i:04d}.png", lambda tmp: image.save(tmp, format="PNG"), overwrite=True)
     entries = [{"image_file": f"ref-{i:04d}.png", "text": full_caption(scene)} for i, (scene, _) in enumerate(references)]
-    (folder / "pairs.json").write_text(json.dumps(entries))
+    text = json.dumps(entries)
+    write_atomically(folder / "pairs.json", lambda tmp: Path(tmp).write_text(text), overwrite=True)
     clip, config = write_demo_clip(weights, folder)
     result = {}
     for scale in (0.0, 1.0):

@@ -161,7 +161,7 @@ def write_adapter_data(folder: Path, count: int, seed: int) -> Path:
         scenes, images, rng = draw_scenes(seed, start, min(chunk, count - start))
         for i, (scene, image) in enumerate(zip(scenes, images)):
             name = f"{start + i:06d}.png"
-            image.save(folder / name)
+            write_atomically(folder / name, lambda tmp: image.save(tmp, format="PNG"), overwrite=True)
             entries.append({"image_file": name, "text": training_caption(scene, rng)})
     text = json.dumps(entries)
     write_atomically(data, lambda tmp: Path(tmp).write_text(text))

@@ -10,14 +10,18 @@ then the weights in the target dtype, not that plus the file.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import math
 import mmap
 import os
 import re
+import shutil
+import signal
 import struct
 import tempfile
+import threading
 import weakref
 import zipfile
 from dataclasses import dataclass, field
@@ -183,26 +187,95 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, torch.Tensor]:
     return flat
 
 
-def write_atomically(path: str | os.PathLike, write: Callable[[str], None], overwrite: bool = False) -> None:
-    """``write(tmp)`` into a temporary file beside ``path``, then rename it into place: a crash
-    never leaves a half-written file, and an existing file is replaced only when asked."""
+class WriteError(OSError):
+    """A file that could not be written (disk full, no permission, …); one line naming it and why."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM during a write, raised as Ctrl-C is, so that the write unwinds and cleans up."""
+
+
+def write_atomically(path: str | os.PathLike, write: Callable[[str], None], overwrite: bool = False,
+                     folder: bool = False) -> None:
+    """``write(tmp)`` into a temporary file (or, with ``folder``, a temporary folder) beside
+    ``path``, then rename it into place: a crash, a full disk or Ctrl-C never leaves a half-written
+    file, and the old one stays whole until the new one is. An existing ``path`` is replaced only
+    when asked. Every output of the project is written through here.
+
+    A failure raises :class:`WriteError` naming ``path`` and the cause (whatever ``write`` raised:
+    an OSError, safetensors' own error on a full disk), with the temporary removed. SIGINT and
+    SIGTERM during the write remove it too, then end the program as they would have."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists (pass --force to overwrite it)")
-    if path.exists() and not path.is_file():
-        raise FileExistsError(f"{path} exists and is not a file")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; outputs are ordinary files
+    if path.exists() and path.is_dir() != folder:
+        raise FileExistsError(f"{path} exists and is not a {'folder' if folder else 'file'}")
+    tmp = None
+    with _terminate_as_interrupt():
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            prefix, suffix = f".{path.name}.", ".tmp"
+            if folder:
+                tmp = tempfile.mkdtemp(dir=path.parent, prefix=prefix, suffix=suffix)
+            else:
+                fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=suffix)
+                os.close(fd)
+            write(tmp)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, (0o777 if folder else 0o666) & ~umask)  # mkstemp's files are private; outputs are ordinary
+            _replace(tmp, path, folder)
+        except Exception as exc:
+            _remove(tmp)
+            raise WriteError(f"{path}: not written ({one_line(exc)})") from None
+        except BaseException:
+            _remove(tmp)
+            raise
+
+
+def _replace(tmp: str, path: Path, folder: bool) -> None:
+    """A file is renamed over the old one in one step; a folder cannot be, so the old one is first
+    renamed aside (still whole, under a temporary name), then removed."""
+    if not (folder and path.exists()):
         os.replace(tmp, path)
-    except BaseException:
+        return
+    old = tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old")
+    os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old)
+
+
+def _remove(tmp: str | None) -> None:
+    if tmp is None or not os.path.lexists(tmp):
+        return
+    if os.path.isdir(tmp):
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
         os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """Inside the block, SIGTERM raises :class:`Interrupted` rather than killing the process with
+    the temporary left behind; once the write has unwound, the process ends as SIGTERM ends it.
+    Only where SIGTERM has its default action, in the main thread (where signals arrive): a
+    runtime with a handler of its own keeps it."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise Interrupted("SIGTERM")
+
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    except Interrupted:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
         raise
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str],

@@ -29,9 +29,14 @@ def activation_bytes(unet: UNetConfig, vae: VAEConfig, width: int, height: int, 
 
 def free_bytes(device: torch.device) -> int | None:
     """What can be allocated on ``device`` now (on the CPU: MemAvailable, free memory and
-    reclaimable cache); None where this system does not say."""
+    reclaimable cache); None where this system does not say, or for other devices."""
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+        try:
+            return torch.cuda.mem_get_info(device)[0]
+        except RuntimeError:  # no driver: the device's own error comes when it is used
+            return None
+    if device.type != "cpu":
+        return None
     try:
         with open("/proc/meminfo") as f:
             for line in f:

@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageCms, ImageOps
 
+from .formats.files import FileFormatError, one_line
+
 def open_image(path: Path, flag: str = "--image") -> Image.Image:
     """The file's first frame, upright, as RGB, fully loaded and the file closed; a missing,
     unreadable or too large file raises a one-line ValueError naming ``flag`` and ``path``."""
@@ -44,7 +46,7 @@ def decoded(path: Path, flag: str) -> tuple[Image.Image, str]:
     the name errors give it)."""
     name = f"{flag} {path}"
     if not path.is_file():
-        raise ValueError(f"{name}: no such file")
+        raise FileFormatError(f"{name}: no such file")
     try:
         with warnings.catch_warnings():
             # PIL only warns between MAX_IMAGE_PIXELS and twice that, then decodes for minutes.
@@ -57,10 +59,11 @@ def decoded(path: Path, flag: str) -> tuple[Image.Image, str]:
         # raised inside Image.open, before there is an image: PIL's message holds the size
         pixels = re.search(r"\((\d+) pixels\)", str(exc))
         size = f"{pixels[1]} pixels" if pixels else "the image"
-        raise ValueError(f"{name}: {size} is more than the {Image.MAX_IMAGE_PIXELS} this reads "
+        raise FileFormatError(f"{name}: {size} is more than the {Image.MAX_IMAGE_PIXELS} this reads "
                          "(a decompression bomb?)") from None
-    except (OSError, SyntaxError, EOFError, struct.error) as exc:
-        raise ValueError(f"{name}: not a readable image ({exc})") from None
+    except (OSError, SyntaxError, EOFError, struct.error, ValueError, TypeError, IndexError, ZeroDivisionError,
+            MemoryError) as exc:  # what PIL's decoders raise on damaged bytes
+        raise FileFormatError(f"{name}: not a readable image ({one_line(exc)})") from None
 
 
 def upright(image: Image.Image) -> Image.Image:
@@ -91,7 +94,7 @@ def viewed_rgb(image: Image.Image, name: str) -> Image.Image:
     try:
         return image.convert("RGB")  # L, 1, P, RGB, YCbCr, ...
     except ValueError:
-        raise ValueError(f"{name}: images of mode {image.mode} are not read (save it as RGB)") from None
+        raise FileFormatError(f"{name}: images of mode {image.mode} are not read (save it as RGB)") from None
 
 
 def eight_bit(image: Image.Image, name: str) -> Image.Image:
@@ -100,7 +103,7 @@ def eight_bit(image: Image.Image, name: str) -> Image.Image:
     16-bit RGB(A) PNGs; a tRNS gray value becomes an alpha channel (LA). Other modes are returned
     as they are."""
     if image.mode == "F":
-        raise ValueError(f"{name}: a floating-point image (mode F) has no agreed 0..255 range; save it as "
+        raise FileFormatError(f"{name}: a floating-point image (mode F) has no agreed 0..255 range; save it as "
                          "an 8- or 16-bit file")
     if not image.mode.startswith("I"):
         return image

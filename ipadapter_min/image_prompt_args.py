@@ -100,7 +100,7 @@ def read_image_embeds(path: Path, spec: AdapterSpec) -> torch.Tensor:
         raise CheckpointError(f"--embeds {path}: expected one tensor of image embeddings, found {len(tensors)}")
     (features,) = tensors.values()
     if metadata.get("format") == EMBEDS_FORMAT:
-        made_for = json.loads(metadata["adapter"])
+        made_for = recorded_adapter(path, metadata)
         wanted = {"encoder": spec.encoder, "encoder_output": spec.encoder_output, "feature_dim": spec.feature_dim}
         if any(made_for.get(k) != v for k, v in wanted.items()):
             raise CheckpointError(f"--embeds {path}: made for a {made_for['variant']} adapter ({made_for['encoder']} "
@@ -112,3 +112,15 @@ def read_image_embeds(path: Path, spec: AdapterSpec) -> torch.Tensor:
                               f"{'tokens, ' if spec.uses_hidden_states else ''}{spec.feature_dim}) for the "
                               f"{spec.variant} adapter, negative first")
     return features.float()
+
+
+def recorded_adapter(path: Path, metadata: dict[str, str]) -> dict[str, str]:
+    """What the embeds file says it was made for: only compared with the adapter in use."""
+    try:
+        made_for = json.loads(metadata["adapter"])
+    except (KeyError, json.JSONDecodeError, RecursionError):
+        made_for = None
+    if not (isinstance(made_for, dict) and all(isinstance(made_for.get(k), str) for k in
+                                               ("variant", "encoder", "encoder_output"))):
+        raise CheckpointError(f"--embeds {path}: its metadata 'adapter' is not the JSON --save-embeds writes")
+    return made_for

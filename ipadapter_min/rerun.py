@@ -21,6 +21,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from .formats.files import FileFormatError, one_line, shown
 from .formats.lora import lora_argument
 from .image_prompt_args import flag_spans
 
@@ -110,14 +111,14 @@ def replayed(recorded: list[str], png: Path, parser: argparse.ArgumentParser, gi
         flag, texts = option_tokens(tokens)
         arity = parser._option_string_actions[flag].nargs
         if len(texts) != {None: 1, 0: 0}.get(arity, max(len(texts), 1)):
-            raise ValueError(f"{FLAG} {png}: its record gives {flag} without its value")
+            raise FileFormatError(f"{FLAG} {png}: its record gives {flag} without its value")
         missing = [text for text in texts if is_path(parser, flag) and not file_of(flag, text).exists()]
         if missing and dest in given_dests:
             continue  # the option given with --from-png supplies it
         if missing:
-            raise ValueError(f"{FLAG} {png}: its record reads {flag} {missing[0]}, which is not here; give "
+            raise FileFormatError(f"{FLAG} {png}: its record reads {flag} {shown(missing[0])}, which is not here; give "
                              f"{flag} {parser._option_string_actions[flag].metavar or 'FILE'} to supply it")
-        kept += tokens
+        kept += [f"{flag}={texts[0]}"] if arity is None else tokens  # a value such as "--out" stays a value
     if dropped:
         print(f"{FLAG} {png}: not taken from its record (a PNG may not choose what is written or how the command "
               f"runs): {one_line_command(list(dict.fromkeys(dropped)))}", file=sys.stderr)
@@ -142,19 +143,19 @@ def one_line_command(argv: list[str]) -> str:
 def read(path: Path) -> list[str]:
     """The command line recorded in the PNG at ``path``."""
     if not path.is_file():
-        raise ValueError(f"{FLAG} {path}: no such file")
+        raise FileFormatError(f"{FLAG} {path}: no such file")
     try:
         with Image.open(path) as image:
             text = getattr(image, "text", {}).get(CHUNK)
-    except (OSError, Image.DecompressionBombError) as exc:
-        raise ValueError(f"{FLAG} {path}: not a readable image ({exc})") from None
+    except Exception as exc:  # PIL's decoders raise many kinds on damaged bytes (zlib's, struct's, …)
+        raise FileFormatError(f"{FLAG} {path}: not a readable image ({one_line(exc)})") from None
     if text is None:
-        raise ValueError(f"{FLAG} {path}: the PNG holds no {CHUNK} record of its command line (it was not made by "
+        raise FileFormatError(f"{FLAG} {path}: the PNG holds no {CHUNK} record of its command line (it was not made by "
                          "python -m ipadapter_min.sample, or its metadata were stripped)")
     try:
         argv = json.loads(text)["argv"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise ValueError(f"{FLAG} {path}: its {CHUNK} record is not the JSON this command writes") from None
+    except (json.JSONDecodeError, KeyError, TypeError, RecursionError):
+        raise FileFormatError(f"{FLAG} {path}: its {CHUNK} record is not the JSON this command writes") from None
     if not (isinstance(argv, list) and all(isinstance(t, str) for t in argv)):
-        raise ValueError(f"{FLAG} {path}: its {CHUNK} record's argv is not a list of strings")
+        raise FileFormatError(f"{FLAG} {path}: its {CHUNK} record's argv is not a list of strings")
     return argv

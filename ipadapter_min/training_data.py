@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .formats.files import FileFormatError, one_line, shown
 from .image_encoder import preprocess
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -33,33 +34,33 @@ def read_pairs(data: str | Path, root: str | Path | None = None, flag: str = "--
     data = Path(data)
     if data.is_dir():
         if root is not None:
-            raise ValueError(f"{flag} {data} is a folder of images with .txt captions: --data-root applies to a JSON file")
+            raise FileFormatError(f"{flag} {data} is a folder of images with .txt captions: --data-root applies to a JSON file")
         return _folder_pairs(data, flag)
     if not data.is_file():
-        raise ValueError(f"{flag} {data}: no such file or folder")
+        raise FileFormatError(f"{flag} {data}: no such file or folder")
     root = data.parent if root is None else Path(root)
     if not root.is_dir():
-        raise ValueError(f"--data-root {root}: no such folder")
+        raise FileFormatError(f"--data-root {root}: no such folder")
     try:
         entries = json.loads(data.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{flag} {data}: not a JSON file ({exc})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise FileFormatError(f"{flag} {data}: not a JSON file ({one_line(exc)})") from None
     if not isinstance(entries, list):
-        raise ValueError(f"{flag} {data}: expected a JSON list of {{\"image_file\": ..., \"text\": ...}}, "
+        raise FileFormatError(f"{flag} {data}: expected a JSON list of {{\"image_file\": ..., \"text\": ...}}, "
                          f"got a {type(entries).__name__}")
     pairs = []
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict) or not isinstance(entry.get("image_file"), str):
-            raise ValueError(f"{flag} {data}: entry {i} has no \"image_file\" string: {json.dumps(entry)[:80]}")
+            raise FileFormatError(f"{flag} {data}: entry {i} has no \"image_file\" string: {json.dumps(entry)[:80]}")
         text = entry.get("text", "")
         if not isinstance(text, str):
-            raise ValueError(f"{flag} {data}: entry {i} ({entry['image_file']}) has a \"text\" that is not a string")
+            raise FileFormatError(f"{flag} {data}: entry {i} ({shown(entry['image_file'])}) has a \"text\" that is not a string")
         image = root / entry["image_file"]
         if not image.is_file():
-            raise ValueError(f"{flag} {data}: entry {i}: image {image} not found")
+            raise FileFormatError(f"{flag} {data}: entry {i}: image {shown(str(image))} not found")
         pairs.append(Pair(image, text))
     if not pairs:
-        raise ValueError(f"{flag} {data}: no image/caption pairs")
+        raise FileFormatError(f"{flag} {data}: no image/caption pairs")
     return pairs
 
 
@@ -72,25 +73,25 @@ def read_coco(captions: Path, images: Path) -> list[Pair]:
         for note in data["annotations"]:
             first.setdefault(note["image_id"], note["caption"].strip())
         files = sorted((entry["id"], entry["file_name"]) for entry in data["images"])
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"--coco-captions {captions}: not a readable JSON file ({exc})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise FileFormatError(f"--coco-captions {captions}: not a readable JSON file ({exc})") from None
     except (KeyError, TypeError, AttributeError) as exc:
-        raise ValueError(f"--coco-captions {captions}: not a COCO captions file (missing or bad {exc})") from None
+        raise FileFormatError(f"--coco-captions {captions}: not a COCO captions file (missing or bad {exc})") from None
     pairs = [Pair(images / name, first[image_id]) for image_id, name in files if image_id in first]
     if not pairs:
-        raise ValueError(f"--coco-captions {captions}: no captioned images")
+        raise FileFormatError(f"--coco-captions {captions}: no captioned images")
     return pairs
 
 
 def _folder_pairs(folder: Path, flag: str) -> list[Pair]:
     images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not images:
-        raise ValueError(f"{flag} {folder}: no images ({', '.join(IMAGE_SUFFIXES)}) in the folder")
+        raise FileFormatError(f"{flag} {folder}: no images ({', '.join(IMAGE_SUFFIXES)}) in the folder")
     pairs = []
     for image in images:
         caption = image.with_suffix(".txt")
         if not caption.is_file():
-            raise ValueError(f"{flag} {folder}: image {image.name} has no caption file {caption.name} beside it")
+            raise FileFormatError(f"{flag} {folder}: image {image.name} has no caption file {caption.name} beside it")
         pairs.append(Pair(image, caption.read_text(encoding="utf-8").strip()))
     return pairs
 
@@ -103,7 +104,7 @@ def check_images(pairs: list[Pair], flag: str = "--data") -> None:
             with Image.open(pair.image) as image:
                 image.size  # noqa: B018 - the header is parsed by open
         except (OSError, Image.DecompressionBombError) as exc:
-            raise ValueError(f"{flag}: {pair.image} is not a readable image ({exc})") from None
+            raise FileFormatError(f"{flag}: {pair.image} is not a readable image ({exc})") from None
 
 
 def open_rgb(path: Path) -> Image.Image:

@@ -227,8 +227,8 @@ def test_a_shared_png_cannot_choose_what_is_written(tmp_path, monkeypatch, capsy
     out, err = capsys.readouterr()
     [running] = [line for line in out.splitlines() if line.startswith("running: ")]
     assert "victim" not in running and "--threads" not in running and "\x1b" not in running
-    assert running.endswith("--steps 3 --seed 5 --out mine.png --no-progress")
-    assert "$'a red \\x1b[2Jcircle\\nrm -rf ~'" in running  # the record's control characters shown, not obeyed
+    assert running.endswith("--steps=3 --seed=5 --out mine.png --no-progress")
+    assert "$'--prompt=a red \\x1b[2Jcircle\\nrm -rf ~'" in running  # the record's control characters shown, not obeyed
     assert "not taken from its record" in err and "--out --force --save-embeds --threads --from-png stray" in err
     assert "\x1b" not in err
     # the same record, given no --out: the command's default, never the record's

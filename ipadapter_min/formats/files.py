@@ -37,13 +37,20 @@ SAFETENSORS_DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+MAX_HEADER = 100 * 2 ** 20  # bytes: the safetensors format's own bound on its JSON header
 _TERMINAL_ESCAPES = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 # Tensors memory-mapped from a file, by id (a dead tensor leaves by itself).
 _FILE_MAPPED: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
 _madvise = getattr(ctypes.CDLL(None), "madvise", None) if hasattr(mmap, "MADV_DONTNEED") else None
 
 
-class CheckpointError(ValueError):
+class FileFormatError(ValueError):
+    """A file made elsewhere (a checkpoint, a picture, a PNG's record, a dataset) that cannot be
+    used as what it should be: one line naming the file and the problem. Readers of untrusted
+    files raise this, whatever the bytes, never another library's traceback."""
+
+
+class CheckpointError(FileFormatError):
     """A checkpoint that cannot be used; the message is one line naming the file and the problem."""
 
 
@@ -65,6 +72,13 @@ def message(exc: BaseException) -> str:
     codes torch puts in some of its messages; the exception's type if it has no text."""
     text = _TERMINAL_ESCAPES.sub("", str(exc)).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def shown(text: str) -> str:
+    """A name or string from a file, as an error message may quote it: as it is when printable, else
+    in quotes with its line breaks and control characters escaped (a message stays one line, and a
+    file cannot send escape sequences to the terminal)."""
+    return text if text.isprintable() else repr(text)
 
 
 def one_line(exc: BaseException) -> str:
@@ -107,7 +121,10 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     if path.suffix != ".safetensors" or not path.is_file():
         return {}
     header, _ = _safetensors_header(path)
-    return dict(header.get("__metadata__") or {})
+    metadata = header.get("__metadata__") or {}
+    if not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise CheckpointError(f"{path}: its __metadata__ is not a JSON object of strings")
+    return dict(metadata)
 
 
 def _safetensors_header(path: Path) -> tuple[dict, int]:
@@ -117,12 +134,13 @@ def _safetensors_header(path: Path) -> tuple[dict, int]:
     try:
         with open(path, "rb") as f:
             (length,) = struct.unpack("<Q", f.read(8))
-            if length > size - 8:
-                raise ValueError(f"header length {length} exceeds the file size {size}")
+            if length > min(size - 8, MAX_HEADER):
+                raise ValueError(f"header length {length} exceeds the file size {size} or the format's "
+                                 f"{MAX_HEADER} bytes")
             header = json.loads(f.read(length))
         if not isinstance(header, dict):
             raise ValueError("the header is not a JSON object")
-    except (OSError, ValueError, struct.error) as exc:
+    except (OSError, ValueError, struct.error, RecursionError) as exc:  # RecursionError: JSON nested too deep
         raise CheckpointError(f"{path}: not a readable safetensors file ({one_line(exc)})") from None
     return header, 8 + length
 
@@ -140,10 +158,12 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
             continue
         try:
             dtype = SAFETENSORS_DTYPES[info["dtype"]]
-            shape = [int(n) for n in info["shape"]]
-            begin, end = (start + int(n) for n in info["data_offsets"])
+            shape, offsets = list(info["shape"]), list(info["data_offsets"])
+            if not all(type(n) is int and n >= 0 for n in shape + offsets) or len(offsets) != 2:
+                raise ValueError
+            begin, end = (start + n for n in offsets)
         except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: key {key!r} has an unreadable header entry {info!r}") from None
+            raise CheckpointError(f"{path}: key {key!r} has an unreadable header entry {repr(info)[:80]}") from None
         itemsize = torch.empty((), dtype=dtype).element_size()
         if not start <= begin <= end <= size or end - begin != itemsize * math.prod(shape):
             raise CheckpointError(f"{path}: key {key!r} has data offsets {info['data_offsets']} that do not fit "

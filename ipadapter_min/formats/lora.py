@@ -145,13 +145,24 @@ def peft_scales(metadata: dict[str, str], path: Path) -> dict[str, dict]:
 
 
 def peft_alpha(config: dict, module: str) -> float | None:
-    """peft's alpha of a module: the first ``alpha_pattern`` entry that matches the end of its name
-    (peft's rule), else ``lora_alpha``."""
-    for pattern, alpha in (config.get("alpha_pattern") or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", module):
-            return float(alpha)
+    """peft's alpha of a module: the first ``alpha_pattern`` entry that names the end of its name
+    (peft's rule), else ``lora_alpha``. peft reads a pattern as a regular expression; here it is
+    matched as the module name it is in the files diffusers writes, because a pattern from a
+    file run as a regex could take minutes to match (catastrophic backtracking)."""
+    patterns = config.get("alpha_pattern") or {}
+    if not isinstance(patterns, dict):
+        raise ValueError("alpha_pattern is not a JSON object")
+    for pattern, alpha in patterns.items():
+        if module == pattern.lstrip("^") or module.endswith("." + pattern.lstrip("^")):
+            return finite_alpha(alpha)
     alpha = config.get("lora_alpha")
-    return None if alpha is None else float(alpha)
+    return None if alpha is None else finite_alpha(alpha)
+
+
+def finite_alpha(alpha) -> float:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise ValueError(f"a LoRA alpha must be a finite number, got {alpha!r}")
+    return float(alpha)
 
 
 def read_lora(path: str | Path, targets: Mapping[str, torch.Size], cfg: UNetConfig) -> list[LayerUpdate]:
@@ -188,13 +199,22 @@ def read_lora(path: str | Path, targets: Mapping[str, torch.Size], cfg: UNetConf
             raise CheckpointError(f"{path}: key {given!r} has no {missing[0]} factor beside it")
         (down_key, down), (up_key, up) = parts["down"], parts["up"]
         check_shapes(path, ours, targets[ours], down_key, down, up_key, up)
+        for key, factor in ((down_key, down), (up_key, up)):
+            if not (factor.is_floating_point() and torch.isfinite(factor).all()):
+                raise CheckpointError(f"{path}: key {key!r} holds values that are not finite numbers")
         rank = down.shape[0]
         part = ours.partition(".")[0]
         if "alpha" in parts:
-            scale = float(parts["alpha"][1].float().item()) / rank
+            alpha_key, alpha = parts["alpha"]
+            if alpha.numel() != 1 or not torch.isfinite(alpha.float()).all():
+                raise CheckpointError(f"{path}: key {alpha_key!r} is not one finite number")
+            scale = float(alpha.float().item()) / rank
         else:
             their_name = split_key(down_key)[0].removeprefix(part + ".")
-            alpha = peft_alpha(configs.get(part, {}), their_name)
+            try:
+                alpha = peft_alpha(configs.get(part, {}), their_name)
+            except ValueError as exc:
+                raise CheckpointError(f"{path}: metadata {PEFT_METADATA}: {exc}") from None
             root = math.sqrt(rank) if configs.get(part, {}).get("use_rslora") else rank
             scale = 1.0 if alpha is None else alpha / root
         updates.append(LayerUpdate(ours, down, up, scale, f"{path}: key {down_key!r}"))
@@ -215,6 +235,8 @@ def check_shapes(path: Path, ours: str, shape: torch.Size, down_key: str, down: 
         raise CheckpointError(f"{path}: key {down_key!r} has shape {list(down.shape)}, which does not fit the "
                               f"kernel of {ours} (weight {list(shape)})")
     rank = down.shape[0]
+    if rank == 0:
+        raise CheckpointError(f"{path}: key {down_key!r} has shape {list(down.shape)}: a rank of 0")
     if up.dim() not in (2, 4) or up.shape[0] != outputs or up.shape[1] != rank or any(n != 1 for n in up.shape[2:]):
         raise CheckpointError(f"{path}: key {up_key!r} has shape {list(up.shape)}, expected [{outputs}, {rank}"
                               f"{', 1, 1' if up.dim() == 4 else ''}] for {ours} (weight {list(shape)}) at rank {rank}")

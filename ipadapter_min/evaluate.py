@@ -28,10 +28,10 @@ from tqdm.auto import tqdm
 from .clip_score import CLIPScorer, model_config
 from .samplers import DDIM
 from .distributed import Processes
-from .formats.files import message, write_atomically
+from .formats.files import write_atomically
 from .ip_layers import expand_scale
 from .ip_pipeline import IPAdapterPipeline
-from .option_types import Parser, finite, integer, side
+from .command_line import Parser, failed, finite, integer, side
 from .sample import DTYPES, parse_scale, save_png
 from .training_data import Pair, check_images, open_rgb, read_coco, read_pairs
 
@@ -260,9 +260,8 @@ def main(argv: list[str] | None = None) -> int:
             write_atomically(args.out / "contact_sheet.png", lambda tmp: sheet.save(tmp, format="PNG"), args.force)
             print(f"CLIP-I {result['clip_i']['mean']:.4f}  CLIP-T {result['clip_t']['mean']:.4f}  "
                   f"({len(rows)} images); wrote {args.out}")
-    except (ValueError, TypeError, OSError, RuntimeError) as exc:  # CheckpointError is a ValueError
-        print(f"error: {message(exc)}", file=sys.stderr)
-        return 2
+    except (ValueError, TypeError, OSError, RuntimeError, KeyboardInterrupt) as exc:  # CheckpointError is a ValueError
+        return failed(exc)
     finally:
         Processes.stop()
     return 0

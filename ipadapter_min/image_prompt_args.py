@@ -111,6 +111,8 @@ def read_image_embeds(path: Path, spec: AdapterSpec) -> torch.Tensor:
         raise CheckpointError(f"--embeds {path}: shape {list(features.shape)}, expected (2, images, "
                               f"{'tokens, ' if spec.uses_hidden_states else ''}{spec.feature_dim}) for the "
                               f"{spec.variant} adapter, negative first")
+    if not torch.isfinite(features).all():
+        raise CheckpointError(f"--embeds {path}: the embeddings hold values that are not finite numbers")
     return features.float()
 
 

@@ -26,7 +26,7 @@ from . import demo, image_prompt_args, rerun
 from .controlnet import ControlNetInput
 from .cpu_convolutions import pack_convolutions
 from .editing import IMG2IMG_STRENGTH, INPAINT_STRENGTH
-from .formats.files import message, write_atomically
+from .formats.files import write_atomically
 from .image_files import open_image, open_mask
 from .image_processing import require_output_size, size_of
 from .ip_layers import expand_scale
@@ -35,7 +35,7 @@ from .ip_adapter import COMBINE, EMBEDS_SCALING
 from .ip_pipeline import ImagePromptInput, image_prompt_hook, load_image_prompt_models
 from .png_parameters import generation_parameters
 from .negative_noise import KINDS as NOISE_KINDS, negative_noise
-from .option_types import MAX_SIDE, Parser, finite, fraction, integer, side
+from .command_line import MAX_SIDE, Parser, failed, finite, fraction, integer, side
 from .weight_types import WEIGHT_TYPES, weight_type
 from .formats.lora import lora_argument
 from .formats.sd15 import declared_configs
@@ -43,7 +43,7 @@ from .generation_memory import check_fits
 from .loading import load_controlnet, load_t2i_adapter
 from .long_prompts import LONG_PROMPT_MODES
 from .pipeline import DEFAULT_SIZE, StableDiffusion, check_size
-from .samplers import DESCRIPTIONS as SAMPLER_DESCRIPTIONS, SAMPLERS, make_sampler, max_steps
+from .samplers import DESCRIPTIONS as SAMPLER_DESCRIPTIONS, SAMPLERS, max_steps
 from .sweeps import Sweep, comma_list, text_of
 from .t2i_adapter import T2IAdapterInput
 
@@ -642,9 +642,8 @@ def main(argv: list[str] | None = None) -> int:
             save_png(sweep.grid(firsts, reference), args.out, generation_parameters(args, groups, 0, firsts[0].size),
                      args.force, recorded(args, lists))
             print(f"wrote {args.out}")
-    except (ValueError, TypeError, OSError, RuntimeError) as exc:  # CheckpointError is a ValueError
-        print(f"error: {message(exc)}", file=sys.stderr)
-        return 2
+    except (ValueError, TypeError, OSError, RuntimeError, KeyboardInterrupt) as exc:  # CheckpointError is a ValueError
+        return failed(exc)
     finally:
         torch.set_num_threads(threads)  # main() called from Python leaves the caller's setting as it was
     return 0

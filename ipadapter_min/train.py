@@ -24,12 +24,12 @@ from tqdm.auto import tqdm
 
 from .samplers import NoiseSchedule
 from .distributed import Processes
-from .formats.files import message, write_atomically
+from .formats.files import WriteError, one_line, write_atomically
 from .formats.image_encoder import read_image_encoder
 from .formats.ip_adapter import read_ip_adapter, save_official
 from .formats.sd15 import read_sd15
 from .ip_pipeline import check_compatible
-from .option_types import Parser, at_least, integer, side
+from .command_line import Parser, failed, at_least, integer, side
 from .loading import check_context_width, image_encoder_from_checkpoint, ip_adapter_from_checkpoint, sd15_from_checkpoint
 from .training import VARIANTS, AdapterLoss, FrozenEncoders, StepDraws, new_adapter, step_generator, variant_spec
 from .training_cache import CachedDataset, TrainingCache, file_fingerprint
@@ -144,8 +144,11 @@ class Log:
     def write(self, row: dict) -> None:
         if self.file is None:
             return
-        self.writer.writerow(row)
-        self.file.flush()
+        try:
+            self.writer.writerow(row)
+            self.file.flush()
+        except OSError as exc:
+            raise WriteError(f"{self.file.name}: not written ({one_line(exc)})") from None
         if self.tensorboard is not None:
             self.tensorboard.add_scalar("loss", row["loss"], row["step"])
             self.tensorboard.add_scalar("samples_per_second", row["samples_per_second"], row["step"])
@@ -328,9 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         pairs = validate(args)
         return train(args, pairs, Processes.start(args.device))
-    except (ValueError, TypeError, OSError, RuntimeError) as exc:  # CheckpointError is a ValueError
-        print(f"error: {message(exc)}", file=sys.stderr)
-        return 2
+    except (ValueError, TypeError, OSError, RuntimeError, KeyboardInterrupt) as exc:  # CheckpointError is a ValueError
+        return failed(exc)
     finally:
         Processes.stop()
 

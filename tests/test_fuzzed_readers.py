@@ -9,6 +9,7 @@ runs derandomized, a bounded number of examples each, to fit the suite's budget.
 import io
 import json
 import struct
+from pathlib import Path
 
 import pytest
 import torch
@@ -70,6 +71,12 @@ def folder(tmp_path_factory):
     return tmp_path_factory.mktemp("fuzz")
 
 
+def written(folder: Path, name: str, data: bytes) -> Path:
+    path = folder / name
+    path.write_bytes(data)
+    return path
+
+
 def small_safetensors() -> bytes:
     tensors = {"unet.a.weight": torch.arange(12, dtype=torch.float32).reshape(3, 4),
                "vae.b": torch.ones(5, dtype=torch.float16), "text_encoder.c": torch.zeros(2, 2, dtype=torch.int64)}
@@ -82,8 +89,7 @@ SAFETENSORS = small_safetensors()
 @FUZZ
 @given(data=header_heavy(SAFETENSORS))
 def test_safetensors_header(folder, data):
-    path = folder / "x.safetensors"
-    path.write_bytes(data)
+    path = written(folder, "x.safetensors", data)
     refused_in_one_line(read_state_dict, path)
     refused_in_one_line(read_metadata, path)
     refused_in_one_line(declared_configs, path)
@@ -116,8 +122,7 @@ PICKLE = official_pickle()
 @FUZZ
 @given(data=st.one_of(mutated(PICKLE), st.binary(max_size=512)))
 def test_pickle_path(folder, data):
-    path = folder / "x.bin"
-    path.write_bytes(data)
+    path = written(folder, "x.bin", data)
     refused_in_one_line(read_state_dict, path)
 
 
@@ -148,8 +153,7 @@ PNG = made_png()
 @FUZZ
 @given(data=st.one_of(mutated(PNG), st.binary(max_size=256)))
 def test_png_text_chunks_and_the_record(folder, data):
-    path = folder / "x.png"
-    path.write_bytes(data)
+    path = written(folder, "x.png", data)
     refused_in_one_line(rerun.read, path)
     refused_in_one_line(open_image, path)
 
@@ -199,8 +203,7 @@ def test_the_from_png_record(folder, record, capsys):
 def test_json_datasets(folder, data):
     for name in ("a.png", "b.png"):
         Image.new("RGB", (8, 8)).save(folder / name)
-    path = folder / "pairs.json"
-    path.write_bytes(data)
+    path = written(folder, "pairs.json", data)
     refused_in_one_line(read_pairs, path)
 
 
@@ -302,8 +305,7 @@ def test_odd_picture_modes_are_read(folder, name):
 @FUZZ
 @given(data=st.one_of(*[mutated(b) for b in PICTURES.values()], st.binary(max_size=256)))
 def test_image_files(folder, data):
-    path = folder / "picture"
-    path.write_bytes(data)
+    path = written(folder, "picture", data)
     refused_in_one_line(open_image, path)
     refused_in_one_line(open_mask, path)
 

@@ -36,7 +36,7 @@ LAYERS = [
      "ipadapter_min.training_cache", "ipadapter_min.training_checkpoint", "ipadapter_min.clip_score",
      "ipadapter_min.editing", "ipadapter_min.generation_memory"},
     {"ipadapter_min.sample", "ipadapter_min.image_prompt_args", "ipadapter_min.png_parameters", "ipadapter_min.rerun",
-     "ipadapter_min.option_types", "ipadapter_min.sweeps", "ipadapter_min.train", "ipadapter_min.evaluate", "ipadapter_min.demo.*",
+     "ipadapter_min.command_line", "ipadapter_min.sweeps", "ipadapter_min.train", "ipadapter_min.evaluate", "ipadapter_min.demo.*",
      "weights_convert.*"},
     {"benchmarks.*"},
 ]

@@ -12,7 +12,6 @@ import resource
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -144,3 +143,19 @@ def test_training_interrupted_mid_checkpoint_resumes_from_the_last_whole_one(tmp
         assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-1"]
     assert find_checkpoint(tmp_path) == tmp_path / "checkpoint-1"
     assert training_checkpoint.load_checkpoint(tmp_path / "checkpoint-1")[2] == {"step": 1}
+
+
+def test_ctrl_c_during_a_generation_is_one_line_and_leaves_nothing(tmp_path):
+    out = tmp_path / "out.png"
+    process = subprocess.Popen([sys.executable, "-m", "ipadapter_min.sample", "--prompt", "a red circle", "--steps",
+                                "900", "--out", str(out)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    seen = b""
+    while b"%" not in seen:  # the progress bar has started: the generation is under way
+        byte = process.stderr.read(1)
+        assert byte, seen
+        seen += byte
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert err.decode().rsplit("\r", 1)[-1].split("\n")[-2:] == ["interrupted", ""], err[-300:]
+    assert list(tmp_path.iterdir()) == []

@@ -17,8 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ipadapter_min.formats.files import message
-from ipadapter_min.option_types import Parser
+from ipadapter_min.command_line import Parser, failed
 
 from .convert import write_controlnet, write_image_encoder, write_ip_adapter, write_sd15, write_t2i_adapter
 
@@ -59,9 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.out.exists() and not args.force:
             raise FileExistsError(f"{args.out} already exists (pass --force to overwrite it)")
         print(write(args.src, args.out, args.force, **extra))
-    except (ValueError, OSError) as exc:  # CheckpointError is a ValueError
-        print(f"error: {message(exc)}", file=sys.stderr)
-        return 2
+    except (ValueError, OSError, KeyboardInterrupt) as exc:  # CheckpointError is a ValueError
+        return failed(exc)
     return 0
 
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 from .. import demo
-from ..formats.files import message, write_atomically
-from ..option_types import Parser, integer
+from ..formats.files import write_atomically
+from ..command_line import Parser, failed, integer
 from .evaluation import evaluate_demo
 from .stages import STAGES
 
@@ -54,9 +54,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         for name in args.stage or list(STAGES):
             STAGES[name](args.out, smoke=args.smoke, progress=not args.no_progress)
-    except (ValueError, OSError, RuntimeError) as exc:
-        print(f"error: {message(exc)}", file=sys.stderr)
-        return 2
+    except (ValueError, OSError, RuntimeError, KeyboardInterrupt) as exc:
+        return failed(exc)
     return 0
 
 

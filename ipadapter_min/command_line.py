@@ -1,15 +1,18 @@
-"""Checked numbers for the command lines, and their errors on one line.
+"""What the commands share: checked numbers, and errors on one line.
 
 Every numeric option is parsed by one of these argparse types, so that NaN, ±inf or a number
 out of range is refused while the command line is read, before any file is opened, with the
 option and its allowed range named: ``error: argument --guidance: nan is not a finite number``.
 Ranges that depend on other options (steps per sampler, sizes per model) are checked by each
-command's ``validate``.
+command's ``validate``. A command's main returns :func:`failed` of what stopped it.
 """
 from __future__ import annotations
 
 import argparse
 import math
+import sys
+
+from .formats.files import message
 
 MAX_SIDE = 16384  # pixels: 2048 latents a side, far past what SD1.5 was trained for (the memory check refuses sooner)
 MAX_COUNT = 100_000  # steps, images, batches: a typo's 10**9 is refused, any real run is not
@@ -73,3 +76,13 @@ def side(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{value} is not a multiple of 8 (the VAE's factor)")
     return value
 
+
+
+def failed(exc: BaseException) -> int:
+    """The exit status of a command stopped by ``exc``, its one line printed: 2 for bad input or
+    a failed write, 130 for Ctrl-C (every write in flight has been undone by then)."""
+    if isinstance(exc, KeyboardInterrupt):
+        print("interrupted", file=sys.stderr)
+        return 130
+    print(f"error: {message(exc)}", file=sys.stderr)
+    return 2

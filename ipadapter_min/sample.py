@@ -344,9 +344,6 @@ def validate(args: argparse.Namespace, groups: list[argparse.Namespace] | None =
     args.dtype = args.dtype or ("fp16" if args.device.startswith("cuda") else "fp32")
     for cell in sweep.cells():
         validate_sampler(cell.values.get("sampler", args.sampler), args.steps, args.eta)
-    configs = declared_configs(args.model)
-    check_fits(configs["unet"], configs["vae"], args.width, args.height, args.num_images, DTYPES[args.dtype],
-               args.device)
     for group in groups:
         validate_image_prompt(group, args.width, args.height)
     for cell in sweep.cells():
@@ -360,6 +357,9 @@ def validate(args: argparse.Namespace, groups: list[argparse.Namespace] | None =
     existing = [p for p in [*sum(paths, []), *([args.out] if sweep else []), *saved] if p.exists()]
     if existing and not args.force:
         raise ValueError(f"{existing[0]} already exists (pass --force to overwrite it)")
+    configs = declared_configs(args.model)  # last: the model's header is the first file these checks read
+    check_fits(configs["unet"], configs["vae"], args.width, args.height, args.num_images, DTYPES[args.dtype],
+               args.device)
     return paths
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .formats.files import read_state_dict, write_atomically
+from .formats.files import CheckpointError, FileFormatError, one_line, read_state_dict, write_atomically
 from .formats.ip_adapter import save_official, to_project_layout
 
 STATE_FILE, OPTIMIZER_FILE, ADAPTER_FILE = "state.json", "optimizer.pt", "ip-adapter.safetensors"
@@ -56,16 +56,29 @@ def find_checkpoint(path: Path) -> Path:
 
 
 def read_state(folder: Path) -> dict:
+    """state.json, checked: a checkpoint may have been made elsewhere, and its numbers set where
+    training goes on."""
     try:
-        return json.loads((folder / STATE_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"--resume {folder}: unreadable {STATE_FILE} ({exc})") from None
+        state = json.loads((folder / STATE_FILE).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise FileFormatError(f"--resume {folder}: unreadable {STATE_FILE} ({one_line(exc)})") from None
+    counters = [state.get(k) for k in ("step", "skipped_images")] if isinstance(state, dict) else [None]
+    if not (all(type(n) is int and n >= 0 for n in counters) and isinstance(state.get("recipe"), dict)):
+        raise FileFormatError(f"--resume {folder}: {STATE_FILE} is not what training writes (whole step and "
+                              "skipped_images counts, and the recipe)")
+    return state
 
 
 def load_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
-    """(adapter tensors in our layout, fp32; optimizer state; state.json)."""
+    """(adapter tensors in our layout, fp32; optimizer state: AdamW's and the loss scaler's; state.json)."""
     state = read_state(folder)
     checkpoint, _ = to_project_layout(read_state_dict(folder / ADAPTER_FILE), folder / ADAPTER_FILE)
     adapter = {k: v.clone() for k, v in checkpoint.tensors.items()}
-    optimizer = torch.load(folder / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+    try:
+        optimizer = torch.load(folder / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+    except Exception as exc:  # whatever a damaged pickle raises
+        raise CheckpointError(f"{folder / OPTIMIZER_FILE}: not loadable with torch.load(weights_only=True) "
+                              f"({one_line(exc)})") from None
+    if not (isinstance(optimizer, dict) and all(isinstance(optimizer.get(k), dict) for k in ("optimizer", "scaler"))):
+        raise CheckpointError(f"{folder / OPTIMIZER_FILE}: not the optimizer and scaler states training writes")
     return adapter, optimizer, state

@@ -211,7 +211,7 @@ def test_sample_refuses_bad_control_input_before_loading(tmp_path, capsys, extra
     control_picture(64, 48, 0).save(tmp_path / "edges.png")
     (tmp_path / "c.pth").write_bytes(b"x")
     save_file({"control_model.label_emb.0.0.weight": torch.zeros(2, 2)}, tmp_path / "sdxl.safetensors")
-    (tmp_path / "model.safetensors").write_bytes(b"garbage: loading it would fail differently")
+    save_file({"x": torch.zeros(1)}, tmp_path / "model.safetensors")  # a readable header; loading would fail differently
     args = ["--model", str(tmp_path / "model.safetensors"), "--out", str(tmp_path / "o.png")]
     assert sample.main(args + [a.format(d=tmp_path) for a in extra]) == 2
     err = capsys.readouterr().err

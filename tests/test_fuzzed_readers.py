@@ -321,3 +321,15 @@ def test_a_decompression_bomb_is_refused_before_decoding(folder):
                      + chunk(b"IEND", b""))
     with pytest.raises(FileFormatError, match="10000000000 pixels is more than"):
         open_image(path)
+
+
+STATE = json.dumps({"step": 12, "skipped_images": 0, "recipe": {"variant": "base", "seed": 3}}, indent=1).encode()
+
+
+@FUZZ
+@given(data=st.one_of(mutated(STATE), st.binary(max_size=64)))
+def test_training_state_files(folder, data):
+    """A checkpoint to --resume may come from elsewhere: its counters set where training goes on."""
+    from ipadapter_min.training_checkpoint import STATE_FILE, read_state
+    written(folder, STATE_FILE, data)
+    refused_in_one_line(read_state, folder)

@@ -63,6 +63,11 @@ def command(args: list[str], preexec=None) -> subprocess.CompletedProcess:
                           preexec_fn=preexec, timeout=300)
 
 
+def default_signals() -> None:
+    """Ctrl-C as a terminal gives it: a suite started in the background inherits SIGINT ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def left_in(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name != "filler")
 
@@ -100,7 +105,7 @@ def test_an_interrupted_write_leaves_the_old_file_whole(tmp_path, signum):
     path = tmp_path / "image.png"
     path.write_bytes(b"the old file")
     process = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], cwd=ROOT, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+                               stderr=subprocess.PIPE, text=True, preexec_fn=default_signals)
     assert process.stdout.readline() == "writing\n"
     assert len(list(tmp_path.iterdir())) == 2  # the old file and the temporary being written
     process.send_signal(signum)
@@ -129,7 +134,8 @@ def adapter_state():
 @pytest.mark.parametrize("failure", [KeyboardInterrupt, OSError(28, "No space left on device")])
 def test_training_interrupted_mid_checkpoint_resumes_from_the_last_whole_one(tmp_path, adapter_state, monkeypatch,
                                                                              failure):
-    save_checkpoint(tmp_path / "checkpoint-1", adapter_state, {"lr": torch.tensor(1.0)}, {"step": 1})
+    first, second = ({"step": n, "skipped_images": 0, "recipe": {"seed": 3}} for n in (1, 2))
+    save_checkpoint(tmp_path / "checkpoint-1", adapter_state, {"optimizer": {}, "scaler": {}}, first)
     real_save = torch.save
 
     def save_then_fail(obj, path):
@@ -139,16 +145,17 @@ def test_training_interrupted_mid_checkpoint_resumes_from_the_last_whole_one(tmp
     monkeypatch.setattr(training_checkpoint.torch, "save", save_then_fail)
     for folder in ("checkpoint-2", "checkpoint-1"):  # a new one, and the old one rewritten
         with pytest.raises(KeyboardInterrupt if failure is KeyboardInterrupt else OSError):
-            save_checkpoint(tmp_path / folder, adapter_state, {"lr": torch.tensor(2.0)}, {"step": 2}, overwrite=True)
+            save_checkpoint(tmp_path / folder, adapter_state, {"optimizer": {}, "scaler": {}}, second, overwrite=True)
         assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-1"]
     assert find_checkpoint(tmp_path) == tmp_path / "checkpoint-1"
-    assert training_checkpoint.load_checkpoint(tmp_path / "checkpoint-1")[2] == {"step": 1}
+    assert training_checkpoint.load_checkpoint(tmp_path / "checkpoint-1")[2] == first
 
 
 def test_ctrl_c_during_a_generation_is_one_line_and_leaves_nothing(tmp_path):
     out = tmp_path / "out.png"
     process = subprocess.Popen([sys.executable, "-m", "ipadapter_min.sample", "--prompt", "a red circle", "--steps",
-                                "900", "--out", str(out)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                "900", "--out", str(out)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               preexec_fn=default_signals)
     seen = b""
     while b"%" not in seen:  # the progress bar has started: the generation is under way
         byte = process.stderr.read(1)

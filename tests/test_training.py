@@ -115,7 +115,7 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
 def check_step_against_diffusers(unet, adapter, theirs, projection) -> None:
     """One training step both ways from equal weights: loss ≤ 1e-5 relative, every trainable
     gradient nonzero and ≤ 1e-4 relative (issue 9's bounds; fp32 op-order differences through the
-    UNet), and the weights after one AdamW step ≤ 1e-6 apart."""
+    UNet), and the weights after one AdamW step ≤ 1e-5 apart (see the bound below)."""
     pairs = trainable_pairs(adapter, theirs, projection)
     for name, ours, ref in pairs:
         assert torch.equal(ours, ref), name
@@ -135,14 +135,15 @@ def check_step_against_diffusers(unet, adapter, theirs, projection) -> None:
     assert grad_errs[worst] <= 1e-4
 
     # Adam's first step is lr·g/(|g| + 1e-8): where |g| is near 1e-8, the projection's ~1e-9 gradient
-    # differences (op order) become up to lr·1e-9/1e-8 = 1e-5 in the weights; ≤ 6e-7 measured.
+    # differences (op order) become up to lr·1e-9/1e-8 = 1e-5 in the weights, the bound asserted:
+    # measured ≤ 6e-7 on an AMD EPYC host, 8.3e-6 (tiny) and 6.0e-6 (full size) on an Intel Xeon one.
     before = [ours.detach().clone() for _, ours, _ in pairs]
     for params in ([p for _, p, _ in pairs], [p for _, _, p in pairs]):
         torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2).step()
     weight_errs = {name: (ours - ref).abs().max().item() for name, ours, ref in pairs}
     worst = max(weight_errs, key=weight_errs.get)
     print(f"after one AdamW step: max abs weight difference {weight_errs[worst]:.1e} ({worst})")
-    assert weight_errs[worst] <= 1e-6
+    assert weight_errs[worst] <= 1e-5
     assert all(not torch.equal(old, ours) for old, (_, ours, _) in zip(before, pairs))
 
 

@@ -10,9 +10,9 @@
 #   tests      the CUDA tests (pytest): the kernel in fp16/bf16/fp32 at every SD1.5 shape, the
 #              CUDA dispatch, the λ = 0 properties on CUDA, torch.compile and CUDA graphs on
 #              CUDA, a full-size UNet step fused vs the reference attention; junit XML in tests.xml
-#   overhead   python -m benchmarks.overhead (host time per attention call)
-#   attention  python -m benchmarks.attention --tune (attention.json, attention.png)
-#   pipeline   python -m benchmarks.pipeline --compile at 512², fp16, 20 steps (pipeline.json,
+#   overhead   python -m ipadapter_min.benchmarks.overhead (host time per attention call)
+#   attention  python -m ipadapter_min.benchmarks.attention --tune (attention.json, attention.png)
+#   pipeline   python -m ipadapter_min.benchmarks.pipeline --compile at 512², fp16, 20 steps (pipeline.json,
 #              pipeline.png; the JSON is written after each stage, so a step out of time keeps
 #              what it measured); its random weights go to $WORKDIR, not OUTDIR
 #
@@ -91,9 +91,9 @@ else
     failed+=(tests)
     echo "== tests: NOT RUN: pytest and hypothesis are needed ($PYTHON -m pip install pytest hypothesis)"
 fi
-step overhead "$OVERHEAD_S" "$PYTHON" -m benchmarks.overhead
-step attention "$ATTENTION_S" "$PYTHON" -m benchmarks.attention --tune --out "$out/attention.json"
-step pipeline "$PIPELINE_S" "$PYTHON" -m benchmarks.pipeline --compile --steps 20 --repeats 2 --loading-repeats 1 \
+step overhead "$OVERHEAD_S" "$PYTHON" -m ipadapter_min.benchmarks.overhead
+step attention "$ATTENTION_S" "$PYTHON" -m ipadapter_min.benchmarks.attention --tune --out "$out/attention.json"
+step pipeline "$PIPELINE_S" "$PYTHON" -m ipadapter_min.benchmarks.pipeline --compile --steps 20 --repeats 2 --loading-repeats 1 \
     --workdir "$WORKDIR" --out "$out/pipeline.json"
 
 if ((${#failed[@]})); then

@@ -11,7 +11,7 @@ from typing import Protocol
 
 import torch
 
-from kernels import decoupled_attention
+from .kernels import decoupled_attention
 
 
 class CrossAttentionHook(Protocol):

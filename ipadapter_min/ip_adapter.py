@@ -17,13 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import (decoupled_attention, decoupled_attention_branches, decoupled_attention_branches_reference,
-                     decoupled_attention_reference)
-
 from .cfg import CFGBatch, Rows, as_rows, per_row
 from .configs import CONTEXT_DIM, AdapterSpec
 from .image_projection import build_projection
 from .ip_layers import CROSS_ATTENTION_WIDTHS, NUM_LAYERS, expand_scale
+from .kernels import (decoupled_attention, decoupled_attention_branches, decoupled_attention_branches_reference,
+                      decoupled_attention_reference)
 from .step_ranges import in_sigma_range, in_step_range
 
 # (q, k_text, v_text, k_image, v_image, scale) -> out, as kernels.decoupled_attention

@@ -13,8 +13,6 @@ from typing import Sequence
 import torch
 from PIL import Image
 
-from kernels import decoupled_attention, decoupled_attention_reference
-
 from .configs import AdapterSpec, ImageEncoderConfig
 from .formats.image_encoder import read_image_encoder
 from .formats.ip_adapter import read_ip_adapter
@@ -23,6 +21,7 @@ from .image_encoder import ImageEncoder, preprocess
 from .image_processing import binary_mask
 from .ip_adapter import (IPAdapter, ImagePromptAttention, ImagePrompts, encode_images, image_prompt_tokens,
                          tokens_from_features)
+from .kernels import decoupled_attention, decoupled_attention_reference
 from .loading import check_context_width, image_encoder_from_checkpoint, ip_adapter_from_checkpoint, sd15_from_checkpoint
 from .pipeline import StableDiffusion
 from .weight_types import weight_type as weight_type_scales

@@ -20,8 +20,6 @@ from pathlib import Path
 import torch
 from PIL import Image, PngImagePlugin
 
-from kernels import decoupled_attention, decoupled_attention_reference
-
 from . import demo, image_prompt_args, rerun
 from .controlnet import ControlNetInput
 from .cpu_convolutions import pack_convolutions
@@ -33,6 +31,7 @@ from .ip_layers import expand_scale
 from .image_prompt_args import read_image_embeds, save_image_embeds
 from .ip_adapter import COMBINE, EMBEDS_SCALING
 from .ip_pipeline import ImagePromptInput, image_prompt_hook, load_image_prompt_models
+from .kernels import decoupled_attention, decoupled_attention_reference
 from .png_parameters import generation_parameters
 from .negative_noise import KINDS as NOISE_KINDS, negative_noise
 from .command_line import MAX_SIDE, Parser, failed, finite, fraction, integer, side

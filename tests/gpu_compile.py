@@ -30,7 +30,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kernels import triton_decoupled_attention as kernel_module  # noqa: E402
+from ipadapter_min.kernels import triton_decoupled_attention as kernel_module  # noqa: E402
 
 # Largest dynamic shared memory one block may opt into, bytes (CUDA programming guide,
 # "Technical Specifications per Compute Capability").

@@ -50,7 +50,7 @@ class KernelLaunches:
 
 
 def spy_on_kernel(monkeypatch) -> KernelLaunches:
-    from kernels import triton_decoupled_attention as module
+    from ipadapter_min.kernels import triton_decoupled_attention as module
     spy = KernelLaunches(module._decoupled_attention_kernel)
     monkeypatch.setattr(module, "_decoupled_attention_kernel", spy)
     return spy
@@ -62,5 +62,5 @@ def dispatch_as_on_a_gpu(monkeypatch) -> None:
     yes whenever triton imports. The kernel then runs through the interpreter. What is under test
     is everything around that check: the early returns before it and the call after it."""
     import importlib
-    dispatch = importlib.import_module("kernels.decoupled_attention")  # the module, not the function
+    dispatch = importlib.import_module("ipadapter_min.kernels.decoupled_attention")  # the module, not the function
     monkeypatch.setattr(dispatch, "_fused_kernel_applies", lambda *args: dispatch._triton() is not None)

@@ -9,12 +9,12 @@ import torch
 from PIL import Image
 
 import kernel_spy
-from benchmarks import attention as bench
+from ipadapter_min.benchmarks import attention as bench
 
 
 def test_benchmark_runs_on_cpu(tmp_path):
     out = tmp_path / "results.json"
-    result = subprocess.run([sys.executable, "-m", "benchmarks.attention", "--cpu-reps", "1", "--image-tokens", "4",
+    result = subprocess.run([sys.executable, "-m", "ipadapter_min.benchmarks.attention", "--cpu-reps", "1", "--image-tokens", "4",
                              "--no-naive", "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     cases = json.loads(out.read_text())["cases"]

@@ -18,12 +18,12 @@ import torch
 from torch._dynamo.testing import CompileCounter
 
 import kernel_spy
-from kernels import decoupled_attention
+from ipadapter_min.kernels import decoupled_attention
 from ipadapter_min.configs import UNetConfig
 from ipadapter_min.ip_adapter import IPAdapterLayers, ImagePromptAttention, ImagePrompts
 from ipadapter_min.unet import UNet
 
-dispatch = importlib.import_module("kernels.decoupled_attention")  # the module, not the function
+dispatch = importlib.import_module("ipadapter_min.kernels.decoupled_attention")  # the module, not the function
 FUSED_GPU = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
 TOKEN_WIDTH = 48
 
@@ -208,7 +208,7 @@ def test_the_operators_fake_implementations_pass_opcheck():
     """torch.library.opcheck on CPU tensors in the UNet's layout (the kernel through the
     interpreter): schema, autograd registration, fake vs real output (shape, dtype, strides), and
     AOT dispatch with dynamic shapes."""
-    ops = importlib.import_module("kernels.triton_decoupled_attention")
+    ops = importlib.import_module("ipadapter_min.kernels.triton_decoupled_attention")
     q, k, v = layer_inputs(queries=17)
     k_img, v_img = (t[:, :, :4] for t in layer_inputs(seed=1)[1:])
     mask = torch.rand(17, 1, generator=torch.Generator().manual_seed(2))

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 import kernel_spy
-from benchmarks.attention import SD15_CROSS_ATTENTION_LAYERS
+from ipadapter_min.benchmarks.attention import SD15_CROSS_ATTENTION_LAYERS
 from ipadapter_min.configs import UNetConfig
 from ipadapter_min.ip_adapter import IPAdapterLayers, ImagePromptAttention
 from ipadapter_min.unet import UNet
-from kernels import decoupled_attention, decoupled_attention_reference, decoupled_attention_triton
+from ipadapter_min.kernels import decoupled_attention, decoupled_attention_reference, decoupled_attention_triton
 from test_kernel import assert_close_to, make_inputs, reference64
 
 FUSED_GPU = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)

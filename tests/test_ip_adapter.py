@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 import ipadapter_min.ip_adapter as ipa
 import kernel_spy
 from ipadapter_min.attention import attention
-from kernels import decoupled_attention, decoupled_attention_reference
+from ipadapter_min.kernels import decoupled_attention, decoupled_attention_reference
 from ipadapter_min.configs import VIT_BIGG, VIT_H, ImageEncoderConfig, ResamplerConfig
 from ipadapter_min.formats.ip_adapter import FORMAT, detect_variant
 from ipadapter_min.cfg import CFGBatch, per_row

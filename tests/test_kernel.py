@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import kernel_spy
-from kernels import decoupled_attention, decoupled_attention_reference, decoupled_attention_triton
+from ipadapter_min.kernels import decoupled_attention, decoupled_attention_reference, decoupled_attention_triton
 
 REPO = Path(__file__).resolve().parents[1]
 HAS_CUDA = torch.cuda.is_available()
@@ -206,7 +206,7 @@ def test_block_m_shrinks_for_small_grids(launches):
     """Given len_q and batch·heads (the launcher gives them for CUDA tensors), BLOCK_M halves (not
     below 16) until the grid has two programs per SM of an H100, where len_q allows; the table's
     BLOCK_M and the small one give the same numbers, at an odd len_q and a multiple of 16."""
-    from kernels.triton_decoupled_attention import default_config
+    from ipadapter_min.kernels.triton_decoupled_attention import default_config
     # SD1.5 at 512², 16 batch·heads, fp16: the 4096-query layers keep 128 rows, the others shrink
     sd15 = ((4096, 40), (1024, 80), (256, 160), (64, 160))
     configs = [default_config(d, 77, 4, torch.float16, lq, 16) for lq, d in sd15]
@@ -388,7 +388,7 @@ def test_cpu_dispatch_is_the_two_sdpa_reference_bit_for_bit(dtype, launches):
 def test_importing_kernels_and_cpu_dispatch_do_not_import_triton():
     code = textwrap.dedent("""
         import sys, torch
-        import kernels
+        import ipadapter_min.kernels as kernels
         assert "triton" not in sys.modules, "import kernels imported triton"
         q = torch.randn(1, 2, 8, 40)
         kernels.decoupled_attention(q, q, q, q[:, :, :4], q[:, :, :4], 0.5)
@@ -468,8 +468,8 @@ def test_several_branches_in_one_launch_match_the_reference(dtype, D, Lq):
     """Two adapters, the second with two masked images: three branches of 4, 16 and 16 tokens,
     each its own λ and (for two) a per-query mask, against the per-branch formula in float64;
     and the CPU dispatch is the per-branch reference (diffusers' op order) bit for bit."""
-    from kernels import decoupled_attention_branches, decoupled_attention_branches_reference
-    from kernels.decoupled_attention import _triton
+    from ipadapter_min.kernels import decoupled_attention_branches, decoupled_attention_branches_reference
+    from ipadapter_min.kernels.decoupled_attention import _triton
     gen = torch.Generator().manual_seed(D + Lq)
     q = unet_layout(2, Lq, 3, D, dtype, gen)
     kt, vt = (unet_layout(2, 77, 3, D, dtype, gen) for _ in range(2))
@@ -491,7 +491,7 @@ def test_several_branches_in_one_launch_match_the_reference(dtype, D, Lq):
 def test_branches_with_more_tokens_than_one_tile_take_the_online_pass():
     """fp16, a 257-token branch beside a 4-token one: no one-tile fold (one branch does not fit a
     tile), an online softmax per branch, against float64; each branch counts."""
-    from kernels.decoupled_attention import _triton
+    from ipadapter_min.kernels.decoupled_attention import _triton
     gen = torch.Generator().manual_seed(12)
     Lq, D, dtype = 33, 40, torch.float16
     q = unet_layout(1, Lq, 2, D, dtype, gen)

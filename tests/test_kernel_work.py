@@ -1,10 +1,10 @@
-"""benchmarks.kernel_work: the issued-vs-useful arithmetic, checked by hand and against the launcher."""
+"""ipadapter_min.benchmarks.kernel_work: the issued-vs-useful arithmetic, checked by hand and against the launcher."""
 import json
 
 import pytest
 import torch
 
-from benchmarks import kernel_work
+from ipadapter_min.benchmarks import kernel_work
 
 
 def test_useful_work_is_the_exact_formula_and_never_exceeds_issued():
@@ -56,7 +56,7 @@ def test_the_v2_plan_is_what_the_launcher_passes(lq, d, li, batch, monkeypatch):
     """The plan's blocks and key tiles against the launch the real launcher makes for tensors of
     that shape, counted here from its constants. (CPU tensors get the table's BLOCK_M, a GPU's
     grid-sized one only on CUDA: the batches here are large enough for the two to agree.)"""
-    from kernels import triton_decoupled_attention as module
+    from ipadapter_min.kernels import triton_decoupled_attention as module
     recorder = _Recorder()
     monkeypatch.setattr(module, "_decoupled_attention_kernel", recorder)
     q, kt, vt, ki, vi = (torch.zeros(batch, 8, n, d, dtype=torch.float16) for n in (lq, 77, 77, li, li))

@@ -29,7 +29,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import kernel_spy
-from benchmarks.pipeline import make_tokenizer
+from ipadapter_min.benchmarks.pipeline import make_tokenizer
 from ipadapter_min.attention import attention
 from ipadapter_min.configs import VIT_H, AdapterSpec, TextEncoderConfig, UNetConfig, VAEConfig
 from ipadapter_min.ip_adapter import IPAdapter, IPAdapterLayers, ImagePromptAttention, tokens_from_features

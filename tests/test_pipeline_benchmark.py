@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from benchmarks import pipeline as bench
+from ipadapter_min.benchmarks import pipeline as bench
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL_RUN = ["--size", "small", "--resolution", "64", "--steps", "2", "--repeats", "1"]
@@ -49,7 +49,7 @@ def test_without_diffusers_transformers_and_open_clip(tmp_path):
     code = ("import sys\n"
             "for name in ('diffusers', 'transformers', 'open_clip'):\n"
             "    sys.modules[name] = None  # import fails and find_spec says not installed\n"
-            "from benchmarks.pipeline import main\n"
+            "from ipadapter_min.benchmarks.pipeline import main\n"
             f"main({argv!r})\n")
     run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]

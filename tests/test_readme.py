@@ -2,7 +2,7 @@
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = ['pip install -e ".[test]"', "python -m pytest"]
+COMMANDS = ['pip install -e ".[test]" -c constraints.txt', "python -m pytest"]
 
 
 def test_readme_opens_with_the_ci_commands():

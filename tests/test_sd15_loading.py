@@ -30,7 +30,7 @@ def edit_unet(folder, edit):
 
 def test_runtime_imports_no_oracle():
     """The runtime package and the converter never import diffusers, transformers or accelerate."""
-    code = ("import sys, ipadapter_min.sample, ipadapter_min.pipeline, weights_convert.__main__, kernels; "
+    code = ("import sys, ipadapter_min.sample, ipadapter_min.pipeline, weights_convert.__main__, ipadapter_min.kernels; "
             "import ipadapter_min.ip_pipeline, weights_convert.convert; "
             "bad = [m for m in ('diffusers', 'transformers', 'accelerate') if m in sys.modules]; "
             "print(bad); sys.exit(1 if bad else 0)")

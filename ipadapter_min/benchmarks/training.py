@@ -1,8 +1,8 @@
 """How fast ``python -m ipadapter_min.train`` trains, from images and from a ``--cache``.
 
-    python -m benchmarks.training                                  # full SD1.5 + ViT-H/14, 256 px, CPU
-    python -m benchmarks.training --resolution 512 --batch-size 8 --steps 30 --device cuda
-    torchrun --nproc_per_node 2 -m benchmarks.training …           # not this: see --processes
+    python -m ipadapter_min.benchmarks.training                                  # full SD1.5 + ViT-H/14, 256 px, CPU
+    python -m ipadapter_min.benchmarks.training --resolution 512 --batch-size 8 --steps 30 --device cuda
+    torchrun --nproc_per_node 2 -m ipadapter_min.benchmarks.training …           # not this: see --processes
 
 The first run makes random full-size weights (SD1.5 and a ViT-H/14 image encoder, built with the
 project's own classes: nothing is downloaded and diffusers is not needed) in the project's
@@ -27,14 +27,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ipadapter_min.configs import ImageEncoderConfig, TextEncoderConfig, UNetConfig, VAEConfig
-from ipadapter_min.formats.files import save_safetensors, write_atomically
-from ipadapter_min.formats.image_encoder import image_encoder_metadata
-from ipadapter_min.formats.sd15 import sd15_metadata
-from ipadapter_min.image_encoder import ImageEncoder
-from ipadapter_min.text_encoder import TextEncoder
-from ipadapter_min.unet import UNet
-from ipadapter_min.vae import VAE
+from ..configs import ImageEncoderConfig, TextEncoderConfig, UNetConfig, VAEConfig
+from ..formats.files import save_safetensors, write_atomically
+from ..formats.image_encoder import image_encoder_metadata
+from ..formats.sd15 import sd15_metadata
+from ..image_encoder import ImageEncoder
+from ..text_encoder import TextEncoder
+from ..unet import UNet
+from ..vae import VAE
 
 
 def make_weights(workdir: Path) -> tuple[Path, Path]:
@@ -89,7 +89,7 @@ def train(args: argparse.Namespace, model: Path, encoder: Path, data: Path, out:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.training", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m ipadapter_min.benchmarks.training", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", type=Path, default=Path("/tmp/ipadapter_min_training_bench"))
     p.add_argument("--resolution", type=int, default=256)

@@ -1,5 +1,5 @@
 """Attention kernels. Importing this package does not import triton (see decoupled_attention)."""
-from kernels.decoupled_attention import (
+from .decoupled_attention import (
     decoupled_attention,
     decoupled_attention_branches,
     decoupled_attention_branches_reference,

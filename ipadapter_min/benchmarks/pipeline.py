@@ -1,8 +1,8 @@
 """End to end: SD1.5 text-to-image, ours against diffusers on the same weights, in one process.
 
-    python -m benchmarks.pipeline                       # CPU: 256 px, 4 steps, fp32; CUDA: 512 px, 30 steps, fp16
-    python -m benchmarks.pipeline --compile             # also with torch.compile on the UNet, both sides
-    python -m benchmarks.pipeline --size small --resolution 64 --steps 2 --loading-repeats 0   # a quick run
+    python -m ipadapter_min.benchmarks.pipeline                       # CPU: 256 px, 4 steps, fp32; CUDA: 512 px, 30 steps, fp16
+    python -m ipadapter_min.benchmarks.pipeline --compile             # also with torch.compile on the UNet, both sides
+    python -m ipadapter_min.benchmarks.pipeline --size small --resolution 64 --steps 2 --loading-repeats 0   # a quick run
 
 Weights: SD1.5's architecture (``--size full``; ``small``: a tenth of the width, one text layer)
 with random weights, written once into ``--workdir``: by diffusers and transformers as a diffusers
@@ -50,21 +50,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks import loading
-from ipadapter_min.configs import AdapterSpec, TextEncoderConfig, UNetConfig, VAEConfig
-from ipadapter_min.cpu_convolutions import pack_convolutions
-from ipadapter_min.formats.files import save_safetensors, write_atomically
-from ipadapter_min.formats.ip_adapter import save_official
-from ipadapter_min.formats.sd15 import sd15_metadata
-from ipadapter_min.ip_adapter import IPAdapter
-from ipadapter_min.ip_pipeline import ImagePromptInput
-from ipadapter_min.loading import load_ip_adapter, load_sd15
-from ipadapter_min.pipeline import StableDiffusion
-from ipadapter_min.text_encoder import TextEncoder
-from ipadapter_min.tokenizer import BOS_ID, EOS_ID, Tokenizer
-from ipadapter_min.unet import UNet
-from ipadapter_min.vae import VAE
-from kernels import decoupled_attention, decoupled_attention_reference
+from . import loading
+from ..configs import AdapterSpec, TextEncoderConfig, UNetConfig, VAEConfig
+from ..cpu_convolutions import pack_convolutions
+from ..formats.files import save_safetensors, write_atomically
+from ..formats.ip_adapter import save_official
+from ..formats.sd15 import sd15_metadata
+from ..ip_adapter import IPAdapter
+from ..ip_pipeline import ImagePromptInput
+from ..kernels import decoupled_attention, decoupled_attention_reference
+from ..loading import load_ip_adapter, load_sd15
+from ..pipeline import StableDiffusion
+from ..text_encoder import TextEncoder
+from ..tokenizer import BOS_ID, EOS_ID, Tokenizer
+from ..unet import UNet
+from ..vae import VAE
 
 SIZES = {  # our configs; the diffusers folder is written from the same ones
     "full": dict(unet=UNetConfig(), vae=VAEConfig(), text_encoder=TextEncoderConfig()),
@@ -338,7 +338,7 @@ def loading_figures(weights: Path, workdir: Path, repeats: int, with_diffusers: 
 # ----------------------------------------------------------------------------- main
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m benchmarks.pipeline", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m ipadapter_min.benchmarks.pipeline", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", choices=sorted(SIZES), default="full", help="model size (default: full)")
     p.add_argument("--resolution", type=int, help="image side in pixels (default: 512 on CUDA, 256 on the CPU)")
@@ -414,7 +414,7 @@ def main(argv=None) -> dict:
     result = dict(
         benchmark="SD1.5 text-to-image end to end, ours vs diffusers, same weights, one process",
         date=_dt.datetime.now().isoformat(timespec="seconds"), commit=git_commit(),
-        command=" ".join(["python -m benchmarks.pipeline", *(sys.argv[1:] if argv is None else argv)]),
+        command=" ".join(["python -m ipadapter_min.benchmarks.pipeline", *(sys.argv[1:] if argv is None else argv)]),
         device=device_name, cuda=cuda, torch=torch.__version__, python=sys.version.split()[0],
         diffusers=version or "not installed", size=args.size, resolution=args.resolution, steps=args.steps,
         dtype=args.dtype, guidance=GUIDANCE, sampler="ddim", seed=SEED, adapter="base, 4 tokens, random weights",

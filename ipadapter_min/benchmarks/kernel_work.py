@@ -1,7 +1,7 @@
 """Issued vs useful work of the fused kernel at SD1.5's cross-attention shapes, on paper.
 
-    python -m benchmarks.kernel_work           # a table
-    python -m benchmarks.kernel_work --json    # the same rows as JSON
+    python -m ipadapter_min.benchmarks.kernel_work           # a table
+    python -m ipadapter_min.benchmarks.kernel_work --json    # the same rows as JSON
 
 No GPU and no timing: what a kernel issues follows from its block sizes and the tiles each
 program works through. Per shape (512², CFG batch 2, 8 heads, 77 text tokens; Lq/d 4096/40,
@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
-from benchmarks.attention import BATCH, IMAGE_TOKENS, SD15_CROSS_ATTENTION_LAYERS, TEXT_TOKENS
-from kernels import triton_decoupled_attention as kernel
+from .attention import BATCH, IMAGE_TOKENS, SD15_CROSS_ATTENTION_LAYERS, TEXT_TOKENS
+from ..kernels import triton_decoupled_attention as kernel
 
 # (len_q, heads, head_dim) → how many of the UNet's 16 cross-attention layers have it
 LAYERS: dict[tuple[int, int, int], int] = {}

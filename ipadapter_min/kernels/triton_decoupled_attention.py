@@ -244,7 +244,7 @@ def default_config(head_dim: int, len_t: int, len_i: int, dtype: torch.dtype = t
     below 4): Lq 1024 at d 80 gets 32-row blocks, Lq 256 and 64 at d 160 16-row ones. Key
     blocks are as small as the key count allows (≥ 16 for tl.dot): 4 or 16 image tokens use one
     16-wide block, not a mostly masked 64-wide one. Reasoned and compile-checked, not timed;
-    re-tune with ``python -m benchmarks.attention --tune`` on a GPU. Cached: it runs on every
+    re-tune with ``python -m ipadapter_min.benchmarks.attention --tune`` on a GPU. Cached: it runs on every
     call, and working it out costs more host time than an SD1.5 layer's kernel runs.
     """
     block_d = max(64, _pow2_at_least_16(head_dim))

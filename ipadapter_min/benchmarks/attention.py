@@ -1,7 +1,7 @@
 """Benchmark IP-Adapter decoupled cross-attention at SD1.5's 16 cross-attention layers.
 
-    python -m benchmarks.attention               # GPU: fused vs two-SDPA vs naive
-    python -m benchmarks.attention --help
+    python -m ipadapter_min.benchmarks.attention               # GPU: fused vs two-SDPA vs naive
+    python -m ipadapter_min.benchmarks.attention --help
 
 Three implementations of  out = softmax(QK_tᵀ/√d)V_t + λ·softmax(QK_iᵀ/√d)V_i :
 
@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ipadapter_min.formats.files import write_atomically
+from ..formats.files import write_atomically
 
 # SD1.5 cross-attention layers (attn2) in UNet execution order: name, query length at
 # 512×512 (64×64 latent), heads, head dim.
@@ -113,7 +113,7 @@ def naive(q, kt, vt, ki, vi, lam):
 
 
 def fused(q, kt, vt, ki, vi, lam, config=None):
-    from kernels import decoupled_attention_triton
+    from ..kernels import decoupled_attention_triton
     return decoupled_attention_triton(q, kt, vt, ki, vi, lam, config=config)
 
 
@@ -163,7 +163,7 @@ TUNE_GRID = [
 
 def tune(q, kt, vt, ki, vi, lam, timer, grid=TUNE_GRID):
     """Time the fused kernel over ``grid`` (image block from the default); best first."""
-    from kernels.triton_decoupled_attention import KernelConfig, default_config
+    from ..kernels.triton_decoupled_attention import KernelConfig, default_config
     base = default_config(q.shape[-1], kt.shape[2], ki.shape[2], q.dtype)
     results = []
     for g in grid:
@@ -230,7 +230,7 @@ def per_unet_call(rows, methods) -> list[dict]:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        prog="python -m benchmarks.attention",
+        prog="python -m ipadapter_min.benchmarks.attention",
         description=__doc__.split("\n\n")[0] + " Fused Triton kernel vs two SDPA calls "
         "(diffusers' way) vs a naive matmul-softmax-matmul, at the 4 distinct SD1.5 "
         "cross-attention shapes (512×512, CFG batch 2) × 4/16/257 image tokens × dtypes.",

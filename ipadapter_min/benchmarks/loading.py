@@ -1,8 +1,8 @@
 """How fast, and in how much memory, SD1.5 loads: ours from every format, beside diffusers
 loading the same weights from its own folder.
 
-    python -m benchmarks.loading                      # makes full-size random weights once in --workdir
-    python -m benchmarks.loading --folder path/to/stable-diffusion-v1-5 --repeats 5
+    python -m ipadapter_min.benchmarks.loading                      # makes full-size random weights once in --workdir
+    python -m ipadapter_min.benchmarks.loading --folder path/to/stable-diffusion-v1-5 --repeats 5
 
 Files measured (made from the diffusers folder the first time, then reused):
 
@@ -26,7 +26,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ipadapter_min.formats.files import write_atomically
+from ..formats.files import write_atomically
 
 FORMATS = {  # label → (file name in the work folder, loader)
     "diffusers folder → fp32 (diffusers)": ("diffusers", "diffusers"),
@@ -80,8 +80,7 @@ def make_files(workdir: Path, folder: Path | None) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    from ipadapter_min.formats.sd15 import SINGLE_FILE_PREFIXES, read_sd15
-    from weights_convert.__main__ import main as convert
+    from ..formats.sd15 import SINGLE_FILE_PREFIXES, read_sd15
 
     workdir.mkdir(parents=True, exist_ok=True)
     if folder is None:
@@ -90,7 +89,9 @@ def make_files(workdir: Path, folder: Path | None) -> Path:
             make_random_diffusers_folder(folder)
     for name, extra in (("converted-fp32.safetensors", []), ("converted-fp16.safetensors", ["--dtype", "fp16"])):
         if not (workdir / name).exists():
-            if convert(["sd15", str(folder), "-o", str(workdir / name), *extra]) != 0:
+            # the conversion command, as a user runs it (weights_convert imports this package)
+            command = [sys.executable, "-m", "weights_convert", "sd15", str(folder), "-o", str(workdir / name), *extra]
+            if subprocess.run(command).returncode != 0:
                 raise SystemExit(2)  # the converter has said why
     if not (workdir / "single-fp16.ckpt").exists():
         ours_to_original = {ours: original for original, ours in reversed(SINGLE_FILE_PREFIXES)}
@@ -131,7 +132,7 @@ def measure(path: Path, loader: str, repeats: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.loading", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m ipadapter_min.benchmarks.loading", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--folder", type=Path, help="a diffusers SD1.5 folder (default: random weights in --workdir)")
     parser.add_argument("--workdir", type=Path, default=Path("benchmarks/loading-files"),

@@ -28,7 +28,7 @@ def _triton():
     global _triton_module, _triton_import_error
     if _triton_module is None and _triton_import_error is None:
         try:
-            from kernels import triton_decoupled_attention
+            from . import triton_decoupled_attention
         except Exception as e:  # no triton wheel (Windows, macOS), or a broken install
             _triton_import_error = e
         else:

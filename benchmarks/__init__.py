@@ -1,1 +1,0 @@
-"""Benchmarks: python -m benchmarks.attention (see its --help)."""

@@ -1,0 +1,1 @@
+"""Benchmarks: python -m ipadapter_min.benchmarks.attention (see its --help)."""

@@ -1,6 +1,6 @@
 """Benchmark IP-Adapter decoupled cross-attention at SD1.5's 16 cross-attention layers.
 
-    python -m ipadapter_min.benchmarks.attention               # GPU: fused vs two-SDPA vs naive
+    python -m ipadapter_min.benchmarks.attention  # GPU: fused vs two-SDPA vs naive
     python -m ipadapter_min.benchmarks.attention --help
 
 Three implementations of  out = softmax(QK_tᵀ/√d)V_t + λ·softmax(QK_iᵀ/√d)V_i :
@@ -24,8 +24,8 @@ L2 (50 MB on an H100) never holds the inputs.
 
 On a machine without CUDA only the two PyTorch paths run (the fused kernel is a GPU kernel;
 its CPU interpreter is for tests, not timing), with few repeats and fp32 by default; the
-output says so. Results go to JSON (--out, default benchmarks/results-<device>.json) and,
-if matplotlib is importable, a plot next to it.
+output says so. Results go to JSON (--out, default results-<device>.json in the current
+folder) and, if matplotlib is importable, a plot next to it.
 """
 from __future__ import annotations
 
@@ -241,7 +241,7 @@ def parse_args(argv=None):
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--out", type=Path, default=None,
-                   help="JSON output path (default: benchmarks/results-<device>.json)")
+                   help="JSON output path (default: results-<device>.json in the current folder)")
     p.add_argument("--dtypes", default=None,
                    help="comma-separated among fp16,bf16,fp32 (default: fp16,bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--image-tokens", default=",".join(map(str, IMAGE_TOKENS)),
@@ -329,7 +329,7 @@ def main(argv=None) -> dict:
         import triton
         result["triton"] = triton.__version__
     slug = re.sub(r"[^a-z0-9]+", "-", ("cpu" if not cuda else device_name).lower()).strip("-")
-    out = args.out or Path(__file__).resolve().parent / f"results-{slug}.json"
+    out = args.out or Path(f"results-{slug}.json")  # in the current folder, not inside the package
     out.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(result, indent=1)
     write_atomically(out, lambda tmp: Path(tmp).write_text(text), overwrite=True)

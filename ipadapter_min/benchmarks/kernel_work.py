@@ -1,7 +1,7 @@
 """Issued vs useful work of the fused kernel at SD1.5's cross-attention shapes, on paper.
 
-    python -m ipadapter_min.benchmarks.kernel_work           # a table
-    python -m ipadapter_min.benchmarks.kernel_work --json    # the same rows as JSON
+    python -m ipadapter_min.benchmarks.kernel_work         # a table
+    python -m ipadapter_min.benchmarks.kernel_work --json  # the same rows as JSON
 
 No GPU and no timing: what a kernel issues follows from its block sizes and the tiles each
 program works through. Per shape (512², CFG batch 2, 8 heads, 77 text tokens; Lq/d 4096/40,

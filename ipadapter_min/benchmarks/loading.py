@@ -1,7 +1,7 @@
 """How fast, and in how much memory, SD1.5 loads: ours from every format, beside diffusers
 loading the same weights from its own folder.
 
-    python -m ipadapter_min.benchmarks.loading                      # makes full-size random weights once in --workdir
+    python -m ipadapter_min.benchmarks.loading        # makes full-size random weights once in --workdir
     python -m ipadapter_min.benchmarks.loading --folder path/to/stable-diffusion-v1-5 --repeats 5
 
 Files measured (made from the diffusers folder the first time, then reused):

@@ -1,6 +1,6 @@
 """Host time per decoupled-attention call: the Python around a ~10 µs SD1.5 kernel.
 
-    python -m ipadapter_min.benchmarks.overhead          # on CUDA where there is a GPU, else on the CPU
+    python -m ipadapter_min.benchmarks.overhead  # on CUDA where there is a GPU, else on the CPU
 
 An SD1.5 cross-attention kernel runs for about 10 µs on a current GPU, so the host's work per
 call (the dispatch's checks, λ, the launch's arguments, Triton's launcher) decides whether the

@@ -1,8 +1,8 @@
 """End to end: SD1.5 text-to-image, ours against diffusers on the same weights, in one process.
 
-    python -m ipadapter_min.benchmarks.pipeline                       # CPU: 256 px, 4 steps, fp32; CUDA: 512 px, 30 steps, fp16
-    python -m ipadapter_min.benchmarks.pipeline --compile             # also with torch.compile on the UNet, both sides
-    python -m ipadapter_min.benchmarks.pipeline --size small --resolution 64 --steps 2 --loading-repeats 0   # a quick run
+    python -m ipadapter_min.benchmarks.pipeline            # CPU: 256 px, 4 steps, fp32; CUDA: 512 px, 30 steps, fp16
+    python -m ipadapter_min.benchmarks.pipeline --compile  # also with torch.compile on the UNet, both sides
+    python -m ipadapter_min.benchmarks.pipeline --size small --resolution 64 --steps 2 --loading-repeats 0  # quick
 
 Weights: SD1.5's architecture (``--size full``; ``small``: a tenth of the width, one text layer)
 with random weights, written once into ``--workdir``: by diffusers and transformers as a diffusers
@@ -26,11 +26,11 @@ text encoder in the timed call; tokenizing takes about a millisecond) and the im
 encoder features (diffusers' ``ip_adapter_image_embeds``): the image encoder is not timed.
 Without open_clip (whose BPE vocabulary the tokenizer reads) a stand-in gives one id per
 character. Without diffusers only our side runs, and the JSON says "diffusers: not installed".
-Loading: ``benchmarks.loading``'s figures (a fresh process per format) for the same weights.
+Loading: ``ipadapter_min.benchmarks.loading``'s figures (a fresh process per format) for the same weights.
 
-Results go to JSON (``--out``, default benchmarks/results-pipeline-<device>.json), rewritten after
-each stage so that a run cut short keeps what it measured, and to a plot next to it if
-matplotlib is importable.
+Results go to JSON (``--out``, default results-pipeline-<device>.json in the current folder),
+rewritten after each stage so that a run cut short keeps what it measured, and to a plot next
+to it if matplotlib is importable.
 """
 from __future__ import annotations
 
@@ -353,7 +353,7 @@ def parse_args(argv=None):
                    help="where the random weights are written, one folder per --size (default: %(default)s)")
     p.add_argument("--loading-repeats", type=int, default=2,
                    help="fresh processes per format for the loading figures, best reported; 0 skips them (default 2)")
-    p.add_argument("--out", type=Path, help="JSON output (default: benchmarks/results-pipeline-<device>.json)")
+    p.add_argument("--out", type=Path, help="JSON output (default: results-pipeline-<device>.json in the current folder)")
     p.add_argument("--no-plot", action="store_true", help="do not write the plot")
     args = p.parse_args(argv)
     cuda = torch.cuda.is_available() if args.device is None else args.device.startswith("cuda")
@@ -399,7 +399,7 @@ def main(argv=None) -> dict:
     version = diffusers_version()
     tokenizer, tokenizer_note = make_tokenizer()
     slug = re.sub(r"[^a-z0-9]+", "-", ("cpu" if not cuda else device_name).lower()).strip("-")
-    out = args.out or Path(__file__).resolve().parent / f"results-pipeline-{slug}.json"
+    out = args.out or Path(f"results-pipeline-{slug}.json")  # in the current folder, not inside the package
     out.parent.mkdir(parents=True, exist_ok=True)
     workdir = args.workdir / args.size
     t_start = time.perf_counter()

@@ -1,8 +1,8 @@
 """How fast ``python -m ipadapter_min.train`` trains, from images and from a ``--cache``.
 
-    python -m ipadapter_min.benchmarks.training                                  # full SD1.5 + ViT-H/14, 256 px, CPU
+    python -m ipadapter_min.benchmarks.training                         # full SD1.5 + ViT-H/14, 256 px, CPU
     python -m ipadapter_min.benchmarks.training --resolution 512 --batch-size 8 --steps 30 --device cuda
-    torchrun --nproc_per_node 2 -m ipadapter_min.benchmarks.training …           # not this: see --processes
+    torchrun --nproc_per_node 2 -m ipadapter_min.benchmarks.training …  # not this: see --processes
 
 The first run makes random full-size weights (SD1.5 and a ViT-H/14 image encoder, built with the
 project's own classes: nothing is downloaded and diffusers is not needed) in the project's

@@ -18,7 +18,7 @@ setup(
         "torch>=2.6.0",
         "torchvision>=0.21.0",
         "safetensors>=0.8.0",
-        "open_clip_torch>=2.24.0",
+        "open_clip_torch>=2.26.1",
         "einops>=0.7.0",
         "numpy>=1.26.4",
         "pillow>=10.3.0",

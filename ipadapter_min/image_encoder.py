@@ -29,9 +29,19 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def import_open_clip():
-    """open_clip's building blocks, imported on first use (``import open_clip`` takes seconds)."""
-    from open_clip.transformer import LayerNorm, QuickGELU, VisionTransformer
+    """open_clip's building blocks, imported on first use (``import open_clip`` takes seconds).
 
+    The forward below runs the residual blocks on [batch, tokens, width], as open_clip's
+    transformer does from 2.26.1 on; before, it ran them sequence-first, and an older open_clip
+    would give wrong embeddings without an error (seen with 2.24.0)."""
+    import inspect
+    from importlib.metadata import version
+
+    from open_clip.transformer import LayerNorm, QuickGELU, Transformer, VisionTransformer
+
+    if "batch_first" not in inspect.signature(Transformer.__init__).parameters:
+        raise RuntimeError(f"open_clip_torch {version('open_clip_torch')} is too old: the image encoder needs 2.26.1 or later "
+                          f"(a batch-first transformer); pip install 'open_clip_torch>=2.26.1'")
     return LayerNorm, QuickGELU, VisionTransformer
 
 

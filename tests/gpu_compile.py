@@ -13,6 +13,7 @@ Run without TRITON_INTERPRET (the tests start it in a subprocess with it removed
 """
 from __future__ import annotations
 
+import inspect
 import json
 import multiprocessing
 import os
@@ -139,6 +140,12 @@ def compile_default_config(case: Case) -> dict:
 
 def ptxas_available() -> bool:
     return _tool("ptxas").exists() and _tool("cuobjdump").exists()
+
+
+def compiler_api_known() -> bool:
+    """Whether this Triton's ASTSource takes constexprs= (the API compile_default_config uses; the
+    Triton of torch 2.6, 3.2, takes constants= and an AttrsDescriptor instead)."""
+    return "constexprs" in inspect.signature(ASTSource.__init__).parameters
 
 
 if __name__ == "__main__":

@@ -429,6 +429,8 @@ def test_default_configs_fit_every_gpu_arch():
     import gpu_compile
     if not gpu_compile.ptxas_available():
         pytest.skip("triton ships no ptxas/cuobjdump here")
+    if not gpu_compile.compiler_api_known():
+        pytest.skip(f"Triton {gpu_compile.triton.__version__}'s compiler API predates ASTSource(constexprs=...)")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, str(REPO / "tests" / "gpu_compile.py")], env=env,
                        capture_output=True, text=True)

@@ -42,6 +42,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import List, Optional
 
 import torch
 import triton
@@ -530,9 +531,10 @@ def decoupled_attention_tensor_scale_op(q: torch.Tensor, k_text: torch.Tensor, v
 
 @torch.library.custom_op("ipadapter_min::decoupled_attention_branches", mutates_args=())
 def decoupled_attention_branches_op(q: torch.Tensor, k_text: torch.Tensor, v_text: torch.Tensor,
-                                    k_images: list[torch.Tensor], v_images: list[torch.Tensor], scales: list[float],
-                                    masks: list[torch.Tensor | None]) -> torch.Tensor:
-    """:func:`decoupled_attention_branches_triton` with the branches as four parallel lists."""
+                                    k_images: List[torch.Tensor], v_images: List[torch.Tensor], scales: List[float],
+                                    masks: List[Optional[torch.Tensor]]) -> torch.Tensor:
+    """:func:`decoupled_attention_branches_triton` with the branches as four parallel lists. (typing's
+    List and Optional: torch 2.6 infers no operator schema from ``list[...]`` or ``X | None``.)"""
     return decoupled_attention_branches_triton(q, k_text, v_text, list(zip(k_images, v_images, scales, masks)))
 
 

@@ -36,13 +36,13 @@ def entry_points() -> list[str]:
 
 
 def test_the_wheel_holds_two_import_names_and_every_module(tmp_path):
-    """The wheel, built from a copy of the tree as pip builds it, has ipadapter_min and
+    """The wheel, built from a copy of the tree as pip builds it (build isolation included), has ipadapter_min and
     weights_convert at its top and nothing else, and carries the kernels, the benchmarks and
     the demo's weights inside ipadapter_min."""
     source = tmp_path / "source"
     shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", "build", "dist", "*.egg-info", "__pycache__",
                                                                  ".pytest_cache", ".hypothesis"))
-    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q",
                             "-w", str(tmp_path / "dist"), str(source)], capture_output=True, text=True)
     assert build.returncode == 0, build.stdout + build.stderr
     [wheel] = (tmp_path / "dist").glob("*.whl")

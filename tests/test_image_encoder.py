@@ -26,7 +26,7 @@ from transformers import (
 )
 
 from ipadapter_min.configs import ImageEncoderConfig  # noqa: E402
-from ipadapter_min.image_encoder import preprocess  # noqa: E402
+from ipadapter_min.image_encoder import ImageEncoder, preprocess  # noqa: E402
 from ipadapter_min.loading import image_encoder_from_state_dict, load_image_encoder
 from reference_models import hf_config, random_hf_model, sample_images  # noqa: E402
 from ipadapter_min.formats.files import CheckpointError, read_metadata  # noqa: E402
@@ -302,3 +302,18 @@ def test_errors_paths(tiny, tmp_path):
     with pytest.raises(FileExistsError):
         write_image_encoder(tiny[0], out)
     write_image_encoder(tiny[0], out, force=True)
+
+
+def test_an_open_clip_with_a_sequence_first_transformer_is_refused(monkeypatch):
+    """open_clip before 2.26.1 ran its blocks on [tokens, batch, width]: the encoder's forward
+    would give wrong embeddings without an error, so it is refused by name and version."""
+    import open_clip.transformer
+
+    class SequenceFirstTransformer:  # the signature of open_clip 2.24.0's Transformer
+        def __init__(self, width, layers, heads, mlp_ratio=4.0, ls_init_value=None, act_layer=None, norm_layer=None):
+            pass
+
+    monkeypatch.setattr(open_clip.transformer, "Transformer", SequenceFirstTransformer)
+    with pytest.raises(RuntimeError, match=r"open_clip_torch \S+ is too old: the image encoder needs 2\.26\.1"):
+        ImageEncoder(ImageEncoderConfig(image_size=32, patch_size=16, width=64, layers=1, heads=2, mlp_width=256,
+                                        proj_dim=32))

@@ -115,3 +115,33 @@ def test_the_checker_sees_an_upward_import(tmp_path):
         (tmp_path / "ipadapter_min" / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / "ipadapter_min" / name).write_text(text)
     assert upward(tmp_path) == ["ipadapter_min.formats.bad (layer 2) imports ipadapter_min.unet (layer 3)"]
+
+
+ORACLES = {"diffusers", "transformers", "accelerate", "peft"}
+
+
+def oracle_imports(path: Path) -> list[tuple[int, bool]]:
+    """(line, at module level) of each import of a test-only oracle in ``path``."""
+    tree = ast.parse(path.read_text())
+    top = {id(node) for node in tree.body}
+    found = []
+    for node in ast.walk(tree):
+        names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                 else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+        if any(name.split(".")[0] in ORACLES for name in names):
+            found.append((node.lineno, id(node) in top))
+    return found
+
+
+def test_only_the_benchmarks_import_the_oracles_and_only_when_comparing():
+    """diffusers and its kin are the [test] extra, not requirements: the runtime never imports
+    them (tests/test_sd15_loading.py checks the running process). ipadapter_min.benchmarks
+    compares against them, so it may import them, inside the functions that compare."""
+    wrong = []
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            name = module_name(path)
+            for line, top_level in oracle_imports(path):
+                if not name.startswith("ipadapter_min.benchmarks") or top_level:
+                    wrong.append(f"{path.relative_to(ROOT)}:{line}")
+    assert not wrong, wrong

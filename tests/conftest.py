@@ -122,7 +122,7 @@ def small_vit_h_folder(tmp_path_factory) -> Path:
     """transformers' CLIPVisionModelWithProjection (random weights) with ViT-H's widths, which the
     adapters read (1024-wide embedding, 1280-wide hidden states), but 2 layers, as the release's
     image_encoder folder."""
-    from ipadapter_min.configs import ImageEncoderConfig
+    from ipadapter_min.models.configs import ImageEncoderConfig
     folder = tmp_path_factory.mktemp("small_vit_h") / "image_encoder"
     ref.random_hf_model(ImageEncoderConfig(layers=2, mlp_width=512), seed=7).save_pretrained(folder)
     return folder
@@ -141,7 +141,7 @@ class ImageEncoderReference:
     reads it back."""
 
     def __init__(self, folder: Path):
-        from ipadapter_min.configs import ImageEncoderConfig
+        from ipadapter_min.models.configs import ImageEncoderConfig
         model = ref.random_hf_model(ImageEncoderConfig.vit_h_14())
         self.folder = folder / "image_encoder"
         model.save_pretrained(self.folder)

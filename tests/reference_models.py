@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from ipadapter_min.configs import ImageEncoderConfig
+from ipadapter_min.models.configs import ImageEncoderConfig
 
 FULL = "full"
 TINY = "tiny"

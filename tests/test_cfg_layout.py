@@ -10,12 +10,13 @@ import functools
 import pytest
 import torch
 
-from ipadapter_min.cfg import CFGBatch, per_row
-from ipadapter_min.configs import UNetConfig
-from ipadapter_min.ip_adapter import IPAdapterLayers, ImagePromptAttention
-from ipadapter_min.pipeline import StableDiffusion
+from ipadapter_min.samplers.cfg import CFGBatch, per_row
+from ipadapter_min.models.configs import UNetConfig
+from ipadapter_min.ip_adapter.adapter import IPAdapterLayers
+from ipadapter_min.ip_adapter.hook_options import ImagePromptAttention
+from ipadapter_min.pipelines.text_to_image import StableDiffusion
 from ipadapter_min.samplers import DDIM
-from ipadapter_min.unet import UNet
+from ipadapter_min.models.unet import UNet
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest)
 

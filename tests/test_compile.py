@@ -19,9 +19,11 @@ from torch._dynamo.testing import CompileCounter
 
 import kernel_spy
 from ipadapter_min.kernels import decoupled_attention
-from ipadapter_min.configs import UNetConfig
-from ipadapter_min.ip_adapter import IPAdapterLayers, ImagePromptAttention, ImagePrompts
-from ipadapter_min.unet import UNet
+from ipadapter_min.models.configs import UNetConfig
+from ipadapter_min.ip_adapter.adapter import IPAdapterLayers
+from ipadapter_min.ip_adapter.hook_options import ImagePromptAttention
+from ipadapter_min.ip_adapter.several import ImagePrompts
+from ipadapter_min.models.unet import UNet
 
 dispatch = importlib.import_module("ipadapter_min.kernels.decoupled_attention")  # the module, not the function
 FUSED_GPU = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)

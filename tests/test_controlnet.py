@@ -13,12 +13,13 @@ from safetensors.torch import save_file
 
 import a1111
 import reference_models as ref
-from ipadapter_min import sample
-from ipadapter_min.controlnet import ControlNetInput
+from ipadapter_min.cli import sample
+from ipadapter_min.pipelines.controls import ControlNetInput
 from ipadapter_min.formats.controlnet import read_controlnet
 from ipadapter_min.formats.files import CheckpointError
-from ipadapter_min.loading import load_controlnet, load_sd15
-from ipadapter_min.pipeline import StableDiffusion
+from ipadapter_min.loading.controls import load_controlnet
+from ipadapter_min.loading.sd15 import load_sd15
+from ipadapter_min.pipelines.text_to_image import StableDiffusion
 from weights_convert.__main__ import main as convert_main
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -21,12 +21,14 @@ from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 
 import reference_models as ref
-from ipadapter_min.controlnet import ControlNetInput
+from ipadapter_min.pipelines.controls import ControlNetInput
 from ipadapter_min.formats.controlnet import read_controlnet
 from ipadapter_min.formats.files import read_state_dict
-from ipadapter_min.ip_pipeline import IPAdapterPipeline
-from ipadapter_min.loading import load_controlnet, load_image_encoder, load_ip_adapter, load_sd15
-from ipadapter_min.pipeline import StableDiffusion
+from ipadapter_min.pipelines.image_prompts import IPAdapterPipeline
+from ipadapter_min.loading.controls import load_controlnet
+from ipadapter_min.loading.ip_adapter import load_image_encoder, load_ip_adapter
+from ipadapter_min.loading.sd15 import load_sd15
+from ipadapter_min.pipelines.text_to_image import StableDiffusion
 
 SIZE, STEPS, SEED, SCALE = 64, 3, 11, 0.6
 PROMPT = "a watercolor painting"

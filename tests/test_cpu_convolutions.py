@@ -1,4 +1,4 @@
-"""The CPU inference convolutions (ipadapter_min/cpu_convolutions.py) against eager PyTorch in
+"""The CPU inference convolutions (ipadapter_min/models/cpu_convolutions.py) against eager PyTorch in
 float64: reordered oneDNN weights and upsampling in four phases give the same numbers to fp32
 rounding, follow weight changes, keep the state dict, and step aside for gradients and other
 dtypes; the sample command uses them."""
@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ipadapter_min import sample
-from ipadapter_min.configs import UNetConfig
-from ipadapter_min.cpu_convolutions import PackedConv2d, PackedUpsample, pack_convolutions
-from ipadapter_min.unet import UNet, Upsample
+from ipadapter_min.cli import sample
+from ipadapter_min.models.configs import UNetConfig
+from ipadapter_min.models.cpu_convolutions import PackedConv2d, PackedUpsample, pack_convolutions
+from ipadapter_min.models.unet import UNet, Upsample
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SMALL = UNetConfig(channels=32, groups=8, heads=2)  # 32..128 channels, 2 heads

@@ -19,11 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ipadapter_min import unet as unet_module
-from ipadapter_min import vae as vae_module
-from ipadapter_min.configs import UNetConfig, VAEConfig
-from ipadapter_min.unet import StridedConv2d, UNet
-from ipadapter_min.vae import VAE
+from ipadapter_min.models import unet as unet_module
+from ipadapter_min.models import vae as vae_module
+from ipadapter_min.models.configs import UNetConfig, VAEConfig
+from ipadapter_min.models.unet import StridedConv2d, UNet
+from ipadapter_min.models.vae import VAE
 
 # A correct bf16 convolution accumulates in fp32 and rounds once: within bf16's unit roundoff
 # (2^-8, relative) of the fp32 result, plus a little for fp32 summation order (measured ≤ 3e-7

@@ -11,9 +11,10 @@ import torch
 
 import kernel_spy
 from ipadapter_min.benchmarks.attention import SD15_CROSS_ATTENTION_LAYERS
-from ipadapter_min.configs import UNetConfig
-from ipadapter_min.ip_adapter import IPAdapterLayers, ImagePromptAttention
-from ipadapter_min.unet import UNet
+from ipadapter_min.models.configs import UNetConfig
+from ipadapter_min.ip_adapter.adapter import IPAdapterLayers
+from ipadapter_min.ip_adapter.hook_options import ImagePromptAttention
+from ipadapter_min.models.unet import UNet
 from ipadapter_min.kernels import decoupled_attention, decoupled_attention_reference, decoupled_attention_triton
 from test_kernel import assert_close_to, make_inputs, reference64
 

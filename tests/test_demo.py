@@ -8,11 +8,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ipadapter_min import demo, sample
+from ipadapter_min import demo
+from ipadapter_min.cli import sample
 from ipadapter_min.demo import __main__ as demo_cli
 from ipadapter_min.demo.stage import run_stage, schedule
 from ipadapter_min.demo.world import ATTRIBUTES, POSITION_WORDS, full_caption, render, scenes, training_caption
-from ipadapter_min.tokenizer import Tokenizer
+from ipadapter_min.models.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

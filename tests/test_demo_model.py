@@ -17,7 +17,7 @@ from ipadapter_min import demo
 from ipadapter_min.demo.evaluation import other_shape
 from ipadapter_min.demo.judge import load_judge, predict
 from ipadapter_min.demo.world import full_caption, render, scenes
-from ipadapter_min.ip_pipeline import IPAdapterPipeline
+from ipadapter_min.pipelines.image_prompts import IPAdapterPipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = 4242  # held-out scenes: no training stage draws from it

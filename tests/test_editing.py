@@ -9,10 +9,10 @@ from PIL import Image, ImageDraw
 
 import a1111
 import reference_models as ref
-from ipadapter_min import sample
-from ipadapter_min.image_processing import crop_box
-from ipadapter_min.loading import load_sd15
-from ipadapter_min.pipeline import StableDiffusion
+from ipadapter_min.cli import sample
+from ipadapter_min.pipelines.image_processing import crop_box
+from ipadapter_min.loading.sd15 import load_sd15
+from ipadapter_min.pipelines.text_to_image import StableDiffusion
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PROMPT, NEGATIVE = "a red bicycle", "blurry"

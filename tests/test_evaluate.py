@@ -21,16 +21,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ipadapter_min import evaluate, sample
-from ipadapter_min.clip_score import CLIPScorer, model_config
-from ipadapter_min.configs import ImageEncoderConfig
+from ipadapter_min.cli import evaluate, sample
+from ipadapter_min.training.clip_score import CLIPScorer, model_config
+from ipadapter_min.models.configs import ImageEncoderConfig
 from ipadapter_min.formats.files import CheckpointError
 from ipadapter_min.formats.image_encoder import LAYER_RENAMES, transformers_to_open_clip
 from ipadapter_min.formats.ip_adapter import detect_variant, save_official
-from ipadapter_min.image_encoder import preprocess
-from ipadapter_min.ip_adapter import IPAdapter
-from ipadapter_min.ip_layers import CROSS_ATTENTION_WIDTHS
-from ipadapter_min.training_data import read_coco
+from ipadapter_min.models.image_encoder import preprocess
+from ipadapter_min.ip_adapter.adapter import IPAdapter
+from ipadapter_min.ip_adapter.layers import CROSS_ATTENTION_WIDTHS
+from ipadapter_min.training.data import read_coco
 from reference_models import projection_shapes, randomize_, sample_images
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -18,15 +18,16 @@ from hypothesis import strategies as st
 from PIL import Image, PngImagePlugin
 from safetensors.torch import save, save_file
 
-from ipadapter_min import demo, rerun, sample
-from ipadapter_min.configs import AdapterSpec
+from ipadapter_min import demo
+from ipadapter_min.cli import rerun, sample
+from ipadapter_min.models.configs import AdapterSpec
 from ipadapter_min.formats.files import FileFormatError, read_metadata, read_state_dict
 from ipadapter_min.formats.lora import read_lora
 from ipadapter_min.formats.sd15 import declared_configs
-from ipadapter_min.image_files import open_image, open_mask
-from ipadapter_min.image_prompt_args import read_image_embeds, save_image_embeds
-from ipadapter_min.loading import build_sd15
-from ipadapter_min.training_data import read_pairs
+from ipadapter_min.cli.image_files import open_image, open_mask
+from ipadapter_min.cli.image_embeds import read_image_embeds, save_image_embeds
+from ipadapter_min.loading.sd15 import build_sd15
+from ipadapter_min.training.data import read_pairs
 
 pytestmark = pytest.mark.skipif(not demo.installed(), reason="the demo weights are not installed")
 FUZZ = settings(max_examples=60, derandomize=True, deadline=None, print_blob=False, database=None,
@@ -178,7 +179,7 @@ def test_the_from_png_record(folder, record, capsys):
     Image.new("RGB", (8, 8)).save(path, pnginfo=info)
     out = folder / "mine.png"
     try:
-        args, groups, _ = sample.parse_command(["--from-png", str(path), "--out", str(out)])
+        command = sample.parse(["--from-png", str(path), "--out", str(out)])
     except FileFormatError as exc:
         assert "\n" not in str(exc)
     except ValueError as exc:  # the command line's own checks (a bad --seed, --lora weight…)
@@ -187,8 +188,8 @@ def test_the_from_png_record(folder, record, capsys):
         errors = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("--from-png")]
         assert exit.code == 2 and len(errors) == 1 and errors[0].startswith("error: "), errors
     else:
-        assert args.out == out and not args.force
-        assert all(g.save_embeds is None for g in groups)
+        assert command.args.out == out and not command.args.force
+        assert all(g.save_embeds is None for g in command.groups)
     capsys.readouterr()
 
 
@@ -330,6 +331,6 @@ STATE = json.dumps({"step": 12, "skipped_images": 0, "recipe": {"variant": "base
 @given(data=st.one_of(mutated(STATE), st.binary(max_size=64)))
 def test_training_state_files(folder, data):
     """A checkpoint to --resume may come from elsewhere: its counters set where training goes on."""
-    from ipadapter_min.training_checkpoint import STATE_FILE, read_state
+    from ipadapter_min.training.checkpoint import STATE_FILE, read_state
     written(folder, STATE_FILE, data)
     refused_in_one_line(read_state, folder)

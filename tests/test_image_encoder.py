@@ -25,9 +25,9 @@ from transformers import (
     CLIPVisionModelWithProjection,
 )
 
-from ipadapter_min.configs import ImageEncoderConfig  # noqa: E402
-from ipadapter_min.image_encoder import ImageEncoder, preprocess  # noqa: E402
-from ipadapter_min.loading import image_encoder_from_state_dict, load_image_encoder
+from ipadapter_min.models.configs import ImageEncoderConfig  # noqa: E402
+from ipadapter_min.models.image_encoder import ImageEncoder, preprocess  # noqa: E402
+from ipadapter_min.loading.ip_adapter import image_encoder_from_state_dict, load_image_encoder
 from reference_models import hf_config, random_hf_model, sample_images  # noqa: E402
 from ipadapter_min.formats.files import CheckpointError, read_metadata  # noqa: E402
 from ipadapter_min.formats.image_encoder import (  # noqa: E402

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageCms
 
-from ipadapter_min.image_files import open_image, open_mask
+from ipadapter_min.cli.image_files import open_image, open_mask
 
 RED, GREEN, BLUE, WHITE, BLACK = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255), (0, 0, 0)
 
@@ -250,11 +250,11 @@ def test_a_mask_with_transparency_is_its_alpha(tmp_path):
 
 
 def test_the_command_line_names_a_decompression_bomb_before_loading_models(tmp_path, capsys, monkeypatch):
-    from ipadapter_min import sample
+    from ipadapter_min.cli import sample
 
     def no_loading(*args, **kwargs):
         raise AssertionError("models were loaded")
-    monkeypatch.setattr(sample, "load_models", no_loading)
+    monkeypatch.setattr(sample, "load", no_loading)
     path = bomb(tmp_path, 20000, 20000)
     code = sample.main(["--model", str(tmp_path), "--ip-adapter", str(tmp_path), "--image-encoder", str(tmp_path),
                         "--image", str(path), "--device", "cpu", "--out", str(tmp_path / "out.png")])

@@ -12,10 +12,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ipadapter_min.ip_adapter import IPAdapterLayers, ImagePromptAttention, ImagePrompts, mask_grid, scale_image_kv
-from ipadapter_min.ip_layers import LAYERS
-from ipadapter_min.loading import load_sd15
-from ipadapter_min.step_ranges import in_sigma_range, percent_to_sigma, sigma_at
+from ipadapter_min.ip_adapter.adapter import IPAdapterLayers
+from ipadapter_min.ip_adapter.hook_options import ImagePromptAttention
+from ipadapter_min.ip_adapter.several import ImagePrompts
+from ipadapter_min.ip_adapter.masks import mask_grid
+from ipadapter_min.ip_adapter.embeds_scaling import scale_image_kv
+from ipadapter_min.ip_adapter.layers import LAYERS
+from ipadapter_min.loading.sd15 import load_sd15
+from ipadapter_min.samplers.step_ranges import in_sigma_range, percent_to_sigma, sigma_at
 from reference_models import randomize_
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -201,7 +205,7 @@ def comfyui_combine(img_cond_embeds, combine_embeds):
 @pytest.mark.parametrize("mode", ["add", "subtract", "average", "norm average"])
 @pytest.mark.parametrize("shape", [(3, 1024), (3, 257, 1280)])  # base embeddings, plus hidden states
 def test_combine_modes_match_comfyui(mode, shape):
-    from ipadapter_min.ip_adapter import combine_features
+    from ipadapter_min.ip_adapter.combine import combine_features
     features = torch.randn(*shape, generator=torch.Generator().manual_seed(7))
     expected = comfyui_combine(features, mode)
     ours = combine_features(features, mode)

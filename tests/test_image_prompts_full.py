@@ -15,9 +15,10 @@ import torch
 from PIL import Image, ImageDraw
 
 import reference_models as ref
-from ipadapter_min.ip_pipeline import ImagePromptInput, image_prompt_hook
-from ipadapter_min.loading import load_image_encoder, load_ip_adapter, load_sd15
-from ipadapter_min.pipeline import StableDiffusion
+from ipadapter_min.pipelines.image_prompts import ImagePromptInput, image_prompt_hook
+from ipadapter_min.loading.ip_adapter import load_image_encoder, load_ip_adapter
+from ipadapter_min.loading.sd15 import load_sd15
+from ipadapter_min.pipelines.text_to_image import StableDiffusion
 
 SIZE, STEPS, SEED, PROMPT = 64, 3, 5, "a watercolor painting"
 FILES = {"base": "ip-adapter_sd15.bin", "plus": "ip-adapter-plus_sd15.safetensors"}

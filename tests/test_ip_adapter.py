@@ -10,19 +10,21 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-import ipadapter_min.ip_adapter as ipa
+import ipadapter_min.ip_adapter.hook as ipa
+from ipadapter_min.ip_adapter.hook_options import ImagePromptAttention
 import kernel_spy
-from ipadapter_min.attention import attention
+from ipadapter_min.models.attention import attention
 from ipadapter_min.kernels import decoupled_attention, decoupled_attention_reference
-from ipadapter_min.configs import VIT_BIGG, VIT_H, ImageEncoderConfig, ResamplerConfig
+from ipadapter_min.models.configs import VIT_BIGG, VIT_H, ImageEncoderConfig, ResamplerConfig
 from ipadapter_min.formats.ip_adapter import FORMAT, detect_variant
-from ipadapter_min.cfg import CFGBatch, per_row
-from ipadapter_min.image_encoder import preprocess
-from ipadapter_min.image_projection import Resampler
-from ipadapter_min.ip_adapter import IPAdapterLayers, encode_images, image_prompt_tokens, tokens_from_features
-from ipadapter_min.ip_layers import LAYERS, expand_scale
-from ipadapter_min.ip_pipeline import IPAdapterPipeline
-from ipadapter_min.loading import ip_adapter_from_state_dict, load_image_encoder, load_ip_adapter
+from ipadapter_min.samplers.cfg import CFGBatch, per_row
+from ipadapter_min.models.image_encoder import preprocess
+from ipadapter_min.ip_adapter.projection import Resampler
+from ipadapter_min.ip_adapter.adapter import IPAdapterLayers
+from ipadapter_min.ip_adapter.tokens import encode_images, image_prompt_tokens, tokens_from_features
+from ipadapter_min.ip_adapter.layers import LAYERS, expand_scale
+from ipadapter_min.pipelines.image_prompts import IPAdapterPipeline
+from ipadapter_min.loading.ip_adapter import ip_adapter_from_state_dict, load_image_encoder, load_ip_adapter
 from reference_models import (OFFICIAL_WIDTHS, official_state, projection_shapes, random_hf_model, random_tensors,
                               sample_images, write_official)
 from ipadapter_min.formats.files import CheckpointError, read_metadata
@@ -269,7 +271,7 @@ def test_layer_table_matches_diffusers_and_unet(mini_unet, mini_ip):
         assert proc.hidden_size * 10 == layer.width
         assert torch.equal(proc.to_k_ip[0].weight, state["ip_adapter"][f"{layer.official}.to_k_ip.weight"].float())
 
-    from ipadapter_min.unet import UNet
+    from ipadapter_min.models.unet import UNet
     with torch.device("meta"):
         unet = UNet()
     numbered = {m.layer: (name, m.to_q.out_features) for name, m in unet.named_modules()
@@ -351,7 +353,7 @@ def test_zero_scale_is_bit_identical_to_plain_attention(zero, small_layers, monk
     real = ipa.decoupled_attention
     monkeypatch.setattr(ipa, "decoupled_attention", lambda *a, **k: calls.append(len(a) + len(k)) or real(*a, **k))
     nan = torch.full((1, 4, 768), float("nan"))
-    hook = ipa.ImagePromptAttention(small_layers, nan, nan, zero)
+    hook = ImagePromptAttention(small_layers, nan, nan, zero)
     q, k, v = _qkv()
     out = hook(0, q, k, v)
     assert torch.equal(out, attention(q, k, v)) and torch.equal(out, F.scaled_dot_product_attention(q, k, v))
@@ -359,7 +361,7 @@ def test_zero_scale_is_bit_identical_to_plain_attention(zero, small_layers, monk
     assert len(launches) == 0, f"λ = {zero!r} launched the fused kernel"
     # control: the same dispatch with λ ≠ 0 in this layer (finite tokens) does launch it, once
     finite = torch.zeros(1, 4, 768)
-    control = ipa.ImagePromptAttention(small_layers, finite, finite, torch.tensor(0.5) if isinstance(zero, torch.Tensor)
+    control = ImagePromptAttention(small_layers, finite, finite, torch.tensor(0.5) if isinstance(zero, torch.Tensor)
                                        else 0.5)
     with torch.no_grad():  # the fused branch is for inference (the patched device check skips the grad test)
         out = control(0, q, k, v)
@@ -370,7 +372,7 @@ def test_zero_scale_is_bit_identical_to_plain_attention(zero, small_layers, monk
 def test_hook_matches_direct_computation(scale, small_layers):
     g = torch.Generator().manual_seed(4)
     tokens = torch.randn(2, 5, 768, generator=g)  # the default layout: row 0 unconditional, row 1 conditional
-    hook = ipa.ImagePromptAttention(small_layers, tokens[1:], tokens[:1], scale)
+    hook = ImagePromptAttention(small_layers, tokens[1:], tokens[:1], scale)
     q, k, v = _qkv()
     layer = 6
     lam = expand_scale(scale)[layer]
@@ -399,9 +401,9 @@ def test_hook_and_pipeline_take_the_reference_attention(small_layers, monkeypatc
     tokens = torch.randn(2, 1, 5, 768, generator=torch.Generator().manual_seed(5))
     q, k, v = _qkv()
     with torch.no_grad():
-        out = ipa.ImagePromptAttention(small_layers, *tokens, 0.5, attention=decoupled_attention_reference)(6, q, k, v)
+        out = ImagePromptAttention(small_layers, *tokens, 0.5, attention=decoupled_attention_reference)(6, q, k, v)
         assert len(launches) == 0, "reference_attention launched the fused kernel"
-        default = ipa.ImagePromptAttention(small_layers, *tokens, 0.5)(6, q, k, v)
+        default = ImagePromptAttention(small_layers, *tokens, 0.5)(6, q, k, v)
     (launch,) = launches.launches  # the default took the fused kernel, once, and returned its output
     assert launch.out is default and launch.lam == 0.5
     assert (out - default).abs().max() <= 1e-5  # the same attention, computed two ways
@@ -429,7 +431,7 @@ def test_hook_matches_diffusers_processor():
     attn.set_processor(proc)
     x, text, images = torch.randn(2, 64, 320), torch.randn(2, 77, 768), torch.randn(2, 2, 4, 768)
     negative, positive = images.reshape(2, 1, 8, 768)  # diffusers' batch: the unconditional row first
-    hook = ipa.ImagePromptAttention(layers, positive, negative, {"up": {"block_3": [0.7, 0, 0]}})
+    hook = ImagePromptAttention(layers, positive, negative, {"up": {"block_3": [0.7, 0, 0]}})
     split = lambda t: t.view(2, t.shape[1], 8, 40).transpose(1, 2)  # noqa: E731
     with torch.no_grad():
         want = attn(x, encoder_hidden_states=(text, [images]))

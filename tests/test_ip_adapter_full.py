@@ -16,10 +16,11 @@ import pytest
 import torch
 
 import reference_models as ref
-from ipadapter_min import sample
-from ipadapter_min.ip_pipeline import IPAdapterPipeline
-from ipadapter_min.loading import load_image_encoder, load_ip_adapter, load_sd15
-from ipadapter_min.pipeline import StableDiffusion
+from ipadapter_min.cli import sample
+from ipadapter_min.pipelines.image_prompts import IPAdapterPipeline
+from ipadapter_min.loading.ip_adapter import load_image_encoder, load_ip_adapter
+from ipadapter_min.loading.sd15 import load_sd15
+from ipadapter_min.pipelines.text_to_image import StableDiffusion
 
 SIZE, STEPS, SEED = 64, 3, 7
 FILES = {"base": "ip-adapter_sd15.bin", "plus": "ip-adapter-plus_sd15.safetensors"}

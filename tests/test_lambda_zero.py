@@ -30,16 +30,18 @@ from hypothesis import strategies as st
 
 import kernel_spy
 from ipadapter_min.benchmarks.pipeline import make_tokenizer
-from ipadapter_min.attention import attention
-from ipadapter_min.configs import VIT_H, AdapterSpec, TextEncoderConfig, UNetConfig, VAEConfig
-from ipadapter_min.ip_adapter import IPAdapter, IPAdapterLayers, ImagePromptAttention, tokens_from_features
-from ipadapter_min.ip_layers import expand_scale
-from ipadapter_min.pipeline import StableDiffusion
+from ipadapter_min.models.attention import attention
+from ipadapter_min.models.configs import VIT_H, AdapterSpec, TextEncoderConfig, UNetConfig, VAEConfig
+from ipadapter_min.ip_adapter.adapter import IPAdapter, IPAdapterLayers
+from ipadapter_min.ip_adapter.hook_options import ImagePromptAttention
+from ipadapter_min.ip_adapter.tokens import tokens_from_features
+from ipadapter_min.ip_adapter.layers import expand_scale
+from ipadapter_min.pipelines.text_to_image import StableDiffusion
 from ipadapter_min.samplers import DDIM
-from ipadapter_min.text_encoder import TextEncoder
-from ipadapter_min.tokenizer import Tokenizer
-from ipadapter_min.unet import UNet
-from ipadapter_min.vae import VAE
+from ipadapter_min.models.text_encoder import TextEncoder
+from ipadapter_min.models.tokenizer import Tokenizer
+from ipadapter_min.models.unet import UNet
+from ipadapter_min.models.vae import VAE
 
 DEVICES = [pytest.param("cpu"),
            pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))]

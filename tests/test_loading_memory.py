@@ -27,7 +27,7 @@ BOUND = 1.1  # the issue's goal: peak growth ≤ 1.1 × weights in the target dt
 MEASURE = """
 import json, sys, torch
 from ipadapter_min.formats.files import read_state_dict
-from ipadapter_min.loading import load_sd15
+from ipadapter_min.loading.sd15 import load_sd15
 
 def status(field):
     return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(field))

@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from ipadapter_min.configs import UNetConfig
-from ipadapter_min.ip_adapter import IPAdapterLayers, ImagePromptAttention
-from ipadapter_min.loading import load_sd15
-from ipadapter_min.long_prompts import LONG_PROMPT_MODES, chunk_ids
-from ipadapter_min.pipeline import StableDiffusion
-from ipadapter_min.tokenizer import BOS_ID, EOS_ID, Tokenizer
-from ipadapter_min.unet import UNet
+from ipadapter_min.models.configs import UNetConfig
+from ipadapter_min.ip_adapter.adapter import IPAdapterLayers
+from ipadapter_min.ip_adapter.hook_options import ImagePromptAttention
+from ipadapter_min.loading.sd15 import load_sd15
+from ipadapter_min.pipelines.long_prompts import LONG_PROMPT_MODES, chunk_ids
+from ipadapter_min.pipelines.text_to_image import StableDiffusion
+from ipadapter_min.models.tokenizer import BOS_ID, EOS_ID, Tokenizer
+from ipadapter_min.models.unet import UNet
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest)
 

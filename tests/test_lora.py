@@ -20,10 +20,10 @@ from safetensors.torch import load_file, save_file
 
 import a1111
 import reference_models as ref
-from ipadapter_min import sample
+from ipadapter_min.cli import sample
 from ipadapter_min.formats.files import CheckpointError
-from ipadapter_min.loading import load_sd15
-from ipadapter_min.pipeline import StableDiffusion
+from ipadapter_min.loading.sd15 import load_sd15
+from ipadapter_min.pipelines.text_to_image import StableDiffusion
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -7,7 +7,7 @@ import torch
 import torchvision.transforms as T
 from PIL import Image
 
-from ipadapter_min.negative_noise import KINDS, negative_noise
+from ipadapter_min.ip_adapter.negative_noise import KINDS, negative_noise
 
 
 def comfyui_make_noise(type, strength, blur, image_optional=None):

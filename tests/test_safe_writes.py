@@ -20,8 +20,8 @@ import torch
 from ipadapter_min import demo
 from ipadapter_min.formats.files import read_state_dict, write_atomically
 from ipadapter_min.formats.ip_adapter import to_project_layout
-from ipadapter_min import training_checkpoint
-from ipadapter_min.training_checkpoint import find_checkpoint, save_checkpoint
+from ipadapter_min.training import checkpoint as training_checkpoint
+from ipadapter_min.training.checkpoint import find_checkpoint, save_checkpoint
 
 pytestmark = pytest.mark.skipif(not demo.installed(), reason="the demo weights are not installed")
 ROOT = Path(__file__).resolve().parents[1]

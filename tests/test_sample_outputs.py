@@ -9,8 +9,9 @@ import torch
 from PIL import Image
 
 import a1111
-from ipadapter_min import demo, rerun, sample
-from ipadapter_min.png_parameters import a1111_text
+from ipadapter_min import demo
+from ipadapter_min.cli import rerun, sample
+from ipadapter_min.cli.png_parameters import a1111_text
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.skipif(not demo.installed(), reason="the demo weights are not installed")]
@@ -165,9 +166,9 @@ def test_bad_values_are_argparse_errors_in_one_line(tmp_path, capsys, extra, mes
 
 def test_dtype_defaults_to_fp16_on_cuda_only(monkeypatch, tmp_path):
     def dtype(*extra):
-        args, groups, sweep = sample.parse_command([*extra, "--out", str(tmp_path / "a.png")])
-        sample.validate(args, groups, sweep)
-        return args.dtype
+        command = sample.parse([*extra, "--out", str(tmp_path / "a.png")])
+        sample.check(command)
+        return command.args.dtype
 
     assert dtype("--device", "cpu") == "fp32"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -261,7 +262,7 @@ def test_a_generation_that_cannot_fit_is_refused_at_once(tmp_path, capsys, monke
     """16384² on the demo model: the VAE decoder alone would need ~288 GiB. Refused before any
     loading, in well under a second, with both figures."""
     import time
-    from ipadapter_min import generation_memory
+    from ipadapter_min.pipelines import generation_memory
     start = time.perf_counter()
     assert sample.main(["--width", "16384", "--height", "16384", "--out", str(tmp_path / "o.png")]) == 2
     seconds = time.perf_counter() - start

@@ -20,13 +20,15 @@ from PIL import Image, ImageDraw
 
 import a1111
 import reference_models as ref
-from ipadapter_min import sample
-from ipadapter_min.controlnet import ControlNetInput
-from ipadapter_min.ip_pipeline import IPAdapterPipeline
-from ipadapter_min.loading import load_controlnet, load_image_encoder, load_ip_adapter, load_sd15
-from ipadapter_min.pipeline import StableDiffusion
+from ipadapter_min.cli import sample
+from ipadapter_min.pipelines.controls import ControlNetInput
+from ipadapter_min.pipelines.image_prompts import IPAdapterPipeline
+from ipadapter_min.loading.controls import load_controlnet
+from ipadapter_min.loading.ip_adapter import load_image_encoder, load_ip_adapter
+from ipadapter_min.loading.sd15 import load_sd15
+from ipadapter_min.pipelines.text_to_image import StableDiffusion
 from ipadapter_min.samplers import DDIM, SAMPLERS, make_sampler
-from ipadapter_min.step_ranges import LOG_SIGMAS, SIGMAS, sigma_at
+from ipadapter_min.samplers.step_ranges import LOG_SIGMAS, SIGMAS, sigma_at
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),  # diffusers' schedulers call np.array on tensors:
                pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")]

@@ -21,9 +21,10 @@ import pytest
 import torch
 
 import reference_models as ref
-from ipadapter_min.ip_pipeline import IPAdapterPipeline
-from ipadapter_min.loading import load_image_encoder, load_ip_adapter, load_sd15
-from ipadapter_min.pipeline import StableDiffusion
+from ipadapter_min.pipelines.image_prompts import IPAdapterPipeline
+from ipadapter_min.loading.ip_adapter import load_image_encoder, load_ip_adapter
+from ipadapter_min.loading.sd15 import load_sd15
+from ipadapter_min.pipelines.text_to_image import StableDiffusion
 from test_samplers import reference_scheduler
 
 SIZE, STEPS, SEED, SCALE = 64, 3, 5, 0.7

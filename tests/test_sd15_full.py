@@ -18,8 +18,8 @@ import torch
 from safetensors.torch import save_file
 
 import reference_models as ref
-from ipadapter_min import sample
-from ipadapter_min.loading import load_sd15
+from ipadapter_min.cli import sample
+from ipadapter_min.loading.sd15 import load_sd15
 from weights_convert.__main__ import main as convert_main
 from ipadapter_min.formats.sd15 import read_sd15
 

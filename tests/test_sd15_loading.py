@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import a1111
-from ipadapter_min import sample
-from ipadapter_min.loading import load_sd15
+from ipadapter_min.cli import output_options, sample
+from ipadapter_min.loading.sd15 import load_sd15
 from weights_convert.__main__ import main as convert_main
 from ipadapter_min.formats.files import CheckpointError, read_state_dict
 from ipadapter_min.formats.sd15 import read_sd15
@@ -30,8 +30,8 @@ def edit_unet(folder, edit):
 
 def test_runtime_imports_no_oracle():
     """The runtime package and the converter never import diffusers, transformers or accelerate."""
-    code = ("import sys, ipadapter_min.sample, ipadapter_min.pipeline, weights_convert.__main__, ipadapter_min.kernels; "
-            "import ipadapter_min.ip_pipeline, weights_convert.convert; "
+    code = ("import sys, ipadapter_min.sample, ipadapter_min.pipelines.text_to_image, weights_convert.__main__, ipadapter_min.kernels; "
+            "import ipadapter_min.pipelines.image_prompts, weights_convert.convert; "
             "bad = [m for m in ('diffusers', 'transformers', 'accelerate') if m in sys.modules]; "
             "print(bad); sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -205,23 +205,26 @@ def test_sample_defaults_and_help_say_what_the_code_does(tmp_path):
     import re
     from pathlib import Path
 
-    from ipadapter_min.ip_pipeline import IPAdapterPipeline
-    from ipadapter_min.pipeline import DEFAULT_SIZE, StableDiffusion, check_size
+    from ipadapter_min.pipelines.image_prompts import IPAdapterPipeline
+    from ipadapter_min.pipelines.text_to_image import DEFAULT_SIZE, StableDiffusion, check_size
 
     def defaults(fn):
         return {n: p.default for n, p in inspect.signature(fn).parameters.items() if p.default is not p.empty}
 
     parser = sample.build_parser()
 
-    def parse(argv):
-        return sample.parse_command(argv)[0]  # comma-list options at their (one) value
+    def checked(argv):
+        """The arguments after the checks, which fill in what depends on the model (the size: 512,
+        or the demo model's 64); comma-list options at their (one) value."""
+        command = sample.parse(argv)
+        sample.check(command)
+        return command.args
 
     for name in ("m", "a.bin", "enc"):
         (tmp_path / name).write_bytes(b"x")
     from PIL import Image
     Image.new("RGB", (8, 8)).save(tmp_path / "r.png")
-    args = parse(["--model", str(tmp_path / "m"), "--out", str(tmp_path / "o.png"), "--device", "cpu"])
-    sample.validate(args)  # fills in what depends on the model (the size: 512, or the demo model's 64)
+    args = checked(["--model", str(tmp_path / "m"), "--out", str(tmp_path / "o.png"), "--device", "cpu"])
     sd = defaults(StableDiffusion.__call__)
     for name in ("negative_prompt", "steps", "guidance", "seed", "num_images", "clip_skip", "strength", "mask_crop"):
         assert getattr(args, name) == sd[name], f"--{name.replace('_', '-')} {getattr(args, name)!r} vs {sd[name]!r}"
@@ -233,11 +236,10 @@ def test_sample_defaults_and_help_say_what_the_code_does(tmp_path):
         int(claim[1]), float(claim[2]), int(claim[3]), int(claim[4]))
 
     # The image-prompt options have no argparse default (so that validate can tell they were given
-    # without an image prompt); validate fills them in, and the help states λ's in words.
-    ip_args = parse(["--model", str(tmp_path / "m"), "--ip-adapter", str(tmp_path / "a.bin"),
-                                 "--image-encoder", str(tmp_path / "enc"), "--image", str(tmp_path / "r.png"),
-                                 "--out", str(tmp_path / "o.png"), "--device", "cpu"])
-    sample.validate(ip_args)
+    # without an image prompt); the checks fill them in, and the help states λ's in words.
+    ip_args = checked(["--model", str(tmp_path / "m"), "--ip-adapter", str(tmp_path / "a.bin"),
+                       "--image-encoder", str(tmp_path / "enc"), "--image", str(tmp_path / "r.png"),
+                       "--out", str(tmp_path / "o.png"), "--device", "cpu"])
     ip = defaults(IPAdapterPipeline.__call__)
     assert (ip_args.scale, ip_args.image_combine, not ip_args.no_crop, ip_args.reference_attention) == (
         ip["scale"], ip["combine"], ip["crop"], ip["reference_attention"])
@@ -251,7 +253,7 @@ def test_sample_defaults_and_help_say_what_the_code_does(tmp_path):
         with pytest.raises(ValueError, match="multiple of 8"):
             check_size(*bad)
     assert "OUT-0.png, OUT-1.png" in helps["--num-images"]
-    assert sample.output_paths(Path("d/OUT.png"), 2) == [Path("d/OUT-0.png"), Path("d/OUT-1.png")]
+    assert output_options.output_paths(Path("d/OUT.png"), 2) == [Path("d/OUT-0.png"), Path("d/OUT-1.png")]
 
     for flag, text in helps.items():  # our own words for every option: not missing, not the flag's name again
         assert text and text.strip().lower() != flag.strip("-").replace("-", " "), flag
@@ -282,7 +284,7 @@ def test_sample_rejects_bad_image_prompt_arguments(tiny, tmp_path, capsys, extra
 def test_sample_refuses_adapter_with_the_wrong_encoder(tiny, tmp_path, capsys):
     """A ViT-H adapter (1024-wide embedding) with a different image encoder: one clear line."""
     import reference_models as ref
-    from ipadapter_min.image_encoder import ImageEncoderConfig
+    from ipadapter_min.models.image_encoder import ImageEncoderConfig
     ref.random_hf_model(ImageEncoderConfig.tiny()).save_pretrained(tmp_path / "encoder")
     ref.write_official(ref.official_state("base"), tmp_path / "ip-adapter_sd15.bin")
     from PIL import Image
@@ -350,7 +352,7 @@ def test_memory_mapped_weights_hold_one_file_descriptor_a_file(tiny):
 
 def test_each_model_is_built_once(tiny, monkeypatch):
     """One build per model: its keys and shapes are checked against the build that gets the tensors."""
-    import ipadapter_min.loading as loading
+    import ipadapter_min.loading.sd15 as loading
     built = []
     for name, model_cls in loading.SD15_MODELS.items():
         monkeypatch.setitem(loading.SD15_MODELS, name,

@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 import reference_models as ref
-from ipadapter_min.loading import load_sd15
-from ipadapter_min.pipeline import StableDiffusion, to_images
+from ipadapter_min.loading.sd15 import load_sd15
+from ipadapter_min.pipelines.text_to_image import StableDiffusion, to_images
 from ipadapter_min.samplers import DDIM
 
 TOL = 1e-5

@@ -14,16 +14,18 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from ipadapter_min import ip_pipeline, sample, train
-from ipadapter_min.configs import ImageEncoderConfig, TextEncoderConfig, UNetConfig, VAEConfig
+from ipadapter_min.pipelines import image_prompts as ip_pipeline
+from ipadapter_min.cli import sample, train
+from ipadapter_min.models.configs import ImageEncoderConfig, TextEncoderConfig, UNetConfig, VAEConfig
 from ipadapter_min.formats.files import save_safetensors
 from ipadapter_min.formats.image_encoder import image_encoder_metadata
 from ipadapter_min.formats.sd15 import sd15_metadata
-from ipadapter_min.image_encoder import ImageEncoder
-from ipadapter_min.loading import load_ip_adapter, load_sd15
-from ipadapter_min.text_encoder import TextEncoder
-from ipadapter_min.unet import UNet
-from ipadapter_min.vae import VAE
+from ipadapter_min.models.image_encoder import ImageEncoder
+from ipadapter_min.loading.ip_adapter import load_ip_adapter
+from ipadapter_min.loading.sd15 import load_sd15
+from ipadapter_min.models.text_encoder import TextEncoder
+from ipadapter_min.models.unet import UNet
+from ipadapter_min.models.vae import VAE
 from reference_models import official_state, sample_images, write_official
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -143,8 +145,8 @@ def halves(tmp_path: Path) -> list[Path]:
 def test_image_prompt_groups_are_the_apis_several_adapters(world, trained, tmp_path):
     """Two --ip-adapter groups, the second with two masked images, a weight type and a step range,
     give the image of the Python API's image_prompt_hook with the same settings."""
-    from ipadapter_min.loading import load_image_encoder
-    from ipadapter_min.pipeline import StableDiffusion
+    from ipadapter_min.loading.ip_adapter import load_image_encoder
+    from ipadapter_min.pipelines.text_to_image import StableDiffusion
     adapter_file, masks = trained / "ip-adapter.bin", halves(tmp_path)
     images = [world["folder"] / f"{i}.png" for i in range(3)]
     groups = ["--ip-adapter", str(adapter_file), "--image-encoder", str(world["encoder"]), "--image", str(images[0]),
@@ -194,8 +196,8 @@ def test_saved_embeds_give_the_same_image_without_the_encoder(world, trained, tm
     (["--ip-adapter", "{a}", "--embeds", "{x}", "--save-embeds", "{x}"], "with --embeds they are already saved"),
 ])
 def test_bad_image_prompt_groups_are_refused_in_one_line(world, trained, tmp_path, capsys, extra, message):
-    from ipadapter_min.configs import AdapterSpec
-    from ipadapter_min.image_prompt_args import save_image_embeds
+    from ipadapter_min.models.configs import AdapterSpec
+    from ipadapter_min.cli.image_embeds import save_image_embeds
     mask, wide = halves(tmp_path)[0], tmp_path / "wide.png"
     Image.new("L", (96, 64), 255).save(wide)
     other = tmp_path / "plus-embeds.safetensors"

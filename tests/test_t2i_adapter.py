@@ -12,10 +12,11 @@ import torch
 from PIL import Image
 
 import reference_models as ref
-from ipadapter_min import sample
-from ipadapter_min.loading import load_sd15, load_t2i_adapter
-from ipadapter_min.pipeline import StableDiffusion
-from ipadapter_min.t2i_adapter import T2IAdapterInput
+from ipadapter_min.cli import sample
+from ipadapter_min.loading.sd15 import load_sd15
+from ipadapter_min.loading.controls import load_t2i_adapter
+from ipadapter_min.pipelines.text_to_image import StableDiffusion
+from ipadapter_min.pipelines.controls import T2IAdapterInput
 from weights_convert.__main__ import main as convert_main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -141,9 +142,9 @@ def test_unet_step_with_an_image_prompt_and_a_t2i_adapter_matches_diffusers(smal
     down_intrablock_additional_residuals, on the small config (SD1.5's 16 cross-attention layers)."""
     from test_training import TOKENS, add_reference_processors
 
-    from ipadapter_min.configs import AdapterSpec
-    from ipadapter_min.training import new_adapter
-    from ipadapter_min.unet import Residuals
+    from ipadapter_min.models.configs import AdapterSpec
+    from ipadapter_min.training.recipe import new_adapter
+    from ipadapter_min.models.unet import Residuals
     unet = load_sd15(small.folder)["unet"]
     adapter = new_adapter(AdapterSpec.on_embedding(1024, TOKENS), unet)
     theirs = small.load_unet()

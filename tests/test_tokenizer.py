@@ -1,4 +1,4 @@
-"""ipadapter_min.tokenizer against transformers' CLIPTokenizer built from the same vocabulary.
+"""ipadapter_min.models.tokenizer against transformers' CLIPTokenizer built from the same vocabulary.
 
 The reference is called as diffusers' SD pipelines call it:
 tok(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import reference_models
-from ipadapter_min import tokenizer as T
-from ipadapter_min.tokenizer import Tokenizer
+from ipadapter_min.models import tokenizer as T
+from ipadapter_min.models.tokenizer import Tokenizer
 
 
 

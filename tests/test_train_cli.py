@@ -14,10 +14,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ipadapter_min import train as train_module
-from ipadapter_min.loading import load_image_encoder, load_ip_adapter, load_sd15
-from ipadapter_min.training import FrozenEncoders, variant_spec
-from ipadapter_min.training_data import PairDataset, RankBatches, read_pairs, vae_pixels
+from ipadapter_min.cli import train as train_module
+from ipadapter_min.loading.ip_adapter import load_image_encoder, load_ip_adapter
+from ipadapter_min.loading.sd15 import load_sd15
+from ipadapter_min.training.recipe import FrozenEncoders, variant_spec
+from ipadapter_min.training.data import PairDataset, RankBatches, read_pairs, vae_pixels
 from reference_models import sample_images
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -305,7 +306,7 @@ def test_bad_options_get_one_line_errors(base_args, small, four_steps, tmp_path,
         assert expected in err and err.count("\n") == 1, err
     # an image encoder of other widths than the variant's
     tiny_encoder = tmp_path / "tiny_encoder"
-    from ipadapter_min.configs import ImageEncoderConfig
+    from ipadapter_min.models.configs import ImageEncoderConfig
     from reference_models import random_hf_model
     random_hf_model(ImageEncoderConfig.tiny()).save_pretrained(tiny_encoder)
     args = [a if a != base_args[3] else str(tiny_encoder) for a in base_args]

@@ -11,11 +11,11 @@ import torch.nn.functional as F
 
 from ipadapter_min.formats.ip_adapter import detect_variant, read_ip_adapter, save_official
 from ipadapter_min.formats.sd15 import rename, unet_config_from_diffusers, unet_table
-from ipadapter_min.ip_adapter import IPAdapter
-from ipadapter_min.ip_layers import CROSS_ATTENTION_WIDTHS, LAYERS
+from ipadapter_min.ip_adapter.adapter import IPAdapter
+from ipadapter_min.ip_adapter.layers import CROSS_ATTENTION_WIDTHS, LAYERS
 from ipadapter_min.samplers import NoiseSchedule
-from ipadapter_min.training import diffusion_loss, draw_drops, init_ip_layers_from_unet
-from ipadapter_min.unet import UNet
+from ipadapter_min.training.recipe import diffusion_loss, draw_drops, init_ip_layers_from_unet
+from ipadapter_min.models.unet import UNet
 from reference_models import SMALL, projection_shapes, randomize_, unet_kwargs
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -12,11 +12,11 @@ import torch
 from PIL import Image
 
 import reference_models as ref
-from ipadapter_min import sample
+from ipadapter_min.cli import sample
 from ipadapter_min.formats.ip_adapter import detect_variant, save_official
-from ipadapter_min.ip_adapter import IPAdapter
-from ipadapter_min.loading import load_sd15
-from ipadapter_min.training import init_ip_layers_from_unet
+from ipadapter_min.ip_adapter.adapter import IPAdapter
+from ipadapter_min.loading.sd15 import load_sd15
+from ipadapter_min.training.recipe import init_ip_layers_from_unet
 
 SIZE, STEPS, SEED = 64, 3, 5
 SCALES = (1.0, 0.6)

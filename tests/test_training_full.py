@@ -11,9 +11,9 @@ import gc
 import pytest
 
 from ipadapter_min.formats.ip_adapter import detect_variant
-from ipadapter_min.ip_adapter import IPAdapter
-from ipadapter_min.loading import load_sd15
-from ipadapter_min.training import init_ip_layers_from_unet
+from ipadapter_min.ip_adapter.adapter import IPAdapter
+from ipadapter_min.loading.sd15 import load_sd15
+from ipadapter_min.training.recipe import init_ip_layers_from_unet
 from reference_models import projection_shapes, randomize_
 from test_training import add_reference_processors, check_step_against_diffusers, loss_change_when_features_swap
 

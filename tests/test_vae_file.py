@@ -18,12 +18,12 @@ from safetensors.torch import save_file
 
 import a1111
 import reference_models as ref
-from ipadapter_min import sample
-from ipadapter_min.configs import VAEConfig
+from ipadapter_min.cli import sample
+from ipadapter_min.models.configs import VAEConfig
 from ipadapter_min.formats.files import CheckpointError
-from ipadapter_min.loading import load_sd15, load_vae
-from ipadapter_min.pipeline import StableDiffusion
-from ipadapter_min.vae import VAE
+from ipadapter_min.loading.sd15 import load_sd15, load_vae
+from ipadapter_min.pipelines.text_to_image import StableDiffusion
+from ipadapter_min.models.vae import VAE
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

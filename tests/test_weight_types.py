@@ -6,7 +6,7 @@ cubiq/ComfyUI_IPAdapter_plus IPAdapterPlus.py / CrossAttentionPatch.py, as quote
 shared/notes/reference-facts-wave2.md §6.1–6.2."""
 import pytest
 
-from ipadapter_min.weight_types import WEIGHT_TYPES, weight_type
+from ipadapter_min.ip_adapter.weight_types import WEIGHT_TYPES, weight_type
 
 LAYERS = 16
 BLOCK = ["input"] * 6 + ["middle"] + ["output"] * 9

@@ -17,9 +17,8 @@ from pathlib import Path
 
 import torch
 
-from ipadapter_min.command_line import Parser, failed
-
 from .convert import write_controlnet, write_image_encoder, write_ip_adapter, write_sd15, write_t2i_adapter
+from ipadapter_min.cli.parsing import Parser, failed
 
 DTYPES = {"keep": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

@@ -7,17 +7,19 @@ import os
 
 import torch
 
-from ipadapter_min.controlnet import ControlNet
 from ipadapter_min.formats.controlnet import controlnet_metadata, read_controlnet
 from ipadapter_min.formats.files import Checkpoint, save_safetensors
-from ipadapter_min.formats.t2i_adapter import read_t2i_adapter, t2i_adapter_metadata
 from ipadapter_min.formats.image_encoder import image_encoder_metadata, read_transformers_image_encoder
 from ipadapter_min.formats.ip_adapter import ip_adapter_metadata, read_ip_adapter
 from ipadapter_min.formats.sd15 import read_sd15, sd15_metadata
-from ipadapter_min.image_encoder import ImageEncoder, import_open_clip
-from ipadapter_min.ip_adapter import IPAdapter
-from ipadapter_min.loading import build_checked, build_sd15, t2i_adapter_what
-from ipadapter_min.t2i_adapter import T2IAdapter
+from ipadapter_min.formats.t2i_adapter import read_t2i_adapter, t2i_adapter_metadata
+from ipadapter_min.ip_adapter.adapter import IPAdapter
+from ipadapter_min.loading.checked import build_checked
+from ipadapter_min.loading.controls import t2i_adapter_what
+from ipadapter_min.loading.sd15 import build_sd15
+from ipadapter_min.models.controlnet import ControlNet
+from ipadapter_min.models.image_encoder import ImageEncoder, import_open_clip
+from ipadapter_min.models.t2i_adapter import T2IAdapter
 
 
 def write_sd15(src: str | os.PathLike, out: str | os.PathLike, force: bool = False,

@@ -1,1 +1,4 @@
-"""Benchmarks: python -m ipadapter_min.benchmarks.attention (see its --help)."""
+"""Benchmarks: python -m ipadapter_min.benchmarks.attention (see its --help).
+
+It imports from: formats, ip_adapter, kernels, loading, models, pipelines.
+"""

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .attention import BATCH, IMAGE_TOKENS, SD15_CROSS_ATTENTION_LAYERS, TEXT_TOKENS
 from ..kernels import triton_decoupled_attention as kernel
+from .attention import BATCH, IMAGE_TOKENS, SD15_CROSS_ATTENTION_LAYERS, TEXT_TOKENS
 
 # (len_q, heads, head_dim) → how many of the UNet's 16 cross-attention layers have it
 LAYERS: dict[tuple[int, int, int], int] = {}

@@ -54,7 +54,7 @@ if loader == "diffusers":
                 AutoencoderKL.from_pretrained(path, subfolder="vae"),
                 CLIPTextModel.from_pretrained(path, subfolder="text_encoder")]
 else:
-    from ipadapter_min.loading import load_sd15
+    from ipadapter_min.loading.sd15 import load_sd15
     dtype = torch.float16 if loader == "ours-fp16" else torch.float32
     def load():
         return list(load_sd15(path, dtype=dtype).values())

@@ -50,21 +50,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import loading
-from ..configs import AdapterSpec, TextEncoderConfig, UNetConfig, VAEConfig
-from ..cpu_convolutions import pack_convolutions
 from ..formats.files import save_safetensors, write_atomically
 from ..formats.ip_adapter import save_official
 from ..formats.sd15 import sd15_metadata
-from ..ip_adapter import IPAdapter
-from ..ip_pipeline import ImagePromptInput
+from ..ip_adapter.adapter import IPAdapter
 from ..kernels import decoupled_attention, decoupled_attention_reference
-from ..loading import load_ip_adapter, load_sd15
-from ..pipeline import StableDiffusion
-from ..text_encoder import TextEncoder
-from ..tokenizer import BOS_ID, EOS_ID, Tokenizer
-from ..unet import UNet
-from ..vae import VAE
+from ..loading.ip_adapter import load_ip_adapter
+from ..loading.sd15 import load_sd15
+from ..models.configs import AdapterSpec, TextEncoderConfig, UNetConfig, VAEConfig
+from ..models.cpu_convolutions import pack_convolutions
+from ..models.text_encoder import TextEncoder
+from ..models.tokenizer import BOS_ID, EOS_ID, Tokenizer
+from ..models.unet import UNet
+from ..models.vae import VAE
+from ..pipelines.image_prompts import ImagePromptInput
+from ..pipelines.text_to_image import StableDiffusion
+from . import loading
 
 SIZES = {  # our configs; the diffusers folder is written from the same ones
     "full": dict(unet=UNetConfig(), vae=VAEConfig(), text_encoder=TextEncoderConfig()),
@@ -348,7 +349,7 @@ def parse_args(argv=None):
     p.add_argument("--device", help="default: cuda if available, else cpu")
     p.add_argument("--compile", action="store_true", help="also time both sides with torch.compile on the UNet")
     p.add_argument("--eager-convolutions", action="store_true",
-                   help="ours without ipadapter_min.cpu_convolutions (the sample command's --packed-convolutions; CPU fp32 only)")
+                   help="ours without ipadapter_min.models.cpu_convolutions (the sample command's --packed-convolutions; CPU fp32 only)")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/ipadapter_min_pipeline_bench"),
                    help="where the random weights are written, one folder per --size (default: %(default)s)")
     p.add_argument("--loading-repeats", type=int, default=2,
@@ -419,7 +420,7 @@ def main(argv=None) -> dict:
         diffusers=version or "not installed", size=args.size, resolution=args.resolution, steps=args.steps,
         dtype=args.dtype, guidance=GUIDANCE, sampler="ddim", seed=SEED, adapter="base, 4 tokens, random weights",
         scale=SCALE, repeats=args.repeats, tokenizer=tokenizer_note,
-        ours_convolutions="eager" if args.eager_convolutions else "ipadapter_min.cpu_convolutions (CPU fp32)",
+        ours_convolutions="eager" if args.eager_convolutions else "ipadapter_min.models.cpu_convolutions (CPU fp32)",
         notes=["s_per_image: the whole call, prompt to PIL image; median of the timed calls after one warm-up",
                "it_per_s: steps / s_per_image (text encoder and VAE decode included)",
                "peak_memory_growth_bytes: over one call, weights loaded before (CUDA: max_memory_allocated; "

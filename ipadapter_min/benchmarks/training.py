@@ -27,14 +27,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..configs import ImageEncoderConfig, TextEncoderConfig, UNetConfig, VAEConfig
 from ..formats.files import save_safetensors, write_atomically
 from ..formats.image_encoder import image_encoder_metadata
 from ..formats.sd15 import sd15_metadata
-from ..image_encoder import ImageEncoder
-from ..text_encoder import TextEncoder
-from ..unet import UNet
-from ..vae import VAE
+from ..models.configs import ImageEncoderConfig, TextEncoderConfig, UNetConfig, VAEConfig
+from ..models.image_encoder import ImageEncoder
+from ..models.text_encoder import TextEncoder
+from ..models.unet import UNet
+from ..models.vae import VAE
 
 
 def make_weights(workdir: Path) -> tuple[Path, Path]:
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     speed_up = results["with --cache"]["samples_per_second"] / results["from images"]["samples_per_second"]
     results["speed_up"] = round(speed_up, 2)
     print(json.dumps(results, indent=1))
-    print(f"\n| | samples/s | run wall time (s) |\n|---|---|---|")
+    print("\n| | samples/s | run wall time (s) |\n|---|---|---|")
     for name in ("from images", "with --cache"):
         print(f"| {name} | {results[name]['samples_per_second']:.3f} | {results[name]['wall_seconds']} |")
     print(f"--cache speed-up per step: ×{speed_up:.2f} (the cached run's wall time includes building the cache)")

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 from .. import demo
+from ..cli.parsing import Parser, failed, integer
 from ..formats.files import write_atomically
-from ..command_line import Parser, failed, integer
 from .evaluation import evaluate_demo
 from .stages import STAGES
 

@@ -12,7 +12,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-from ..vae import VAE
+from ..models.vae import VAE
 from .batches import draw_scenes, to_unit_range
 from .models import VAE as VAE_CONFIG
 

@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..image_encoder import ImageEncoder, preprocess
-from ..text_encoder import TextEncoder
-from ..tokenizer import Tokenizer
+from ..models.image_encoder import ImageEncoder, preprocess
+from ..models.text_encoder import TextEncoder
+from ..models.tokenizer import Tokenizer
 from .batches import draw_scenes
 from .models import IMAGE, TEXT
 from .world import ATTRIBUTES, full_caption

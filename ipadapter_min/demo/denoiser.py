@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..models.text_encoder import TextEncoder
+from ..models.tokenizer import Tokenizer
+from ..models.unet import UNet
+from ..models.vae import VAE
 from ..samplers.schedule import SD15
-from ..text_encoder import TextEncoder
-from ..tokenizer import Tokenizer
-from ..unet import UNet
-from ..vae import VAE
 from .batches import draw_scenes, to_unit_range
 from .models import UNET
 from .world import scene_from_index, scene_index, training_caption

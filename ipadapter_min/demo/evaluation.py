@@ -24,9 +24,9 @@ from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from ..evaluate import main as evaluate_main
+from ..cli.evaluate import main as evaluate_main
 from ..formats.files import read_state_dict, save_safetensors, write_atomically
-from ..ip_pipeline import IPAdapterPipeline
+from ..pipelines.image_prompts import IPAdapterPipeline
 from .clip import open_clip_checkpoint
 from .judge import load_judge, predict
 from .world import ATTRIBUTES, SHAPES, full_caption, render, scenes

@@ -8,7 +8,7 @@ Sizes from the feasibility study (shared notes: demo-feasibility.md).
 """
 from __future__ import annotations
 
-from ..configs import ImageEncoderConfig, TextEncoderConfig, UNetConfig, VAEConfig
+from ..models.configs import ImageEncoderConfig, TextEncoderConfig, UNetConfig, VAEConfig
 
 RESOLUTION = 64  # images; latents are 8×8
 WIDTH = 128  # text width = cross-attention context = image embedding: image tokens can start as text tokens

@@ -17,12 +17,12 @@ from pathlib import Path
 import torch
 from PIL import ImageFilter
 
-from ..formats.files import Checkpoint, read_metadata, read_state_dict, save_safetensors, write_atomically
+from ..cli.train import main as train_main
+from ..formats.files import read_state_dict, save_safetensors, write_atomically
 from ..formats.image_encoder import image_encoder_metadata
-from ..formats.sd15 import read_converted, sd15_metadata
-from ..loading import SD15_MODELS, assign, build_checked
-from ..tokenizer import Tokenizer
-from ..train import main as train_main
+from ..formats.sd15 import sd15_metadata
+from ..loading.sd15 import load_part
+from ..models.tokenizer import Tokenizer
 from .autoencoder import new_vae, psnr, vae_loss, with_measured_scaling
 from .batches import draw_scenes
 from .clip import TRAIN_TOKENS, DemoCLIP, clip_loss, zero_shot_accuracy
@@ -119,20 +119,11 @@ def train_vae(out: Path, smoke: bool = False, progress: bool = True) -> dict:
 
 
 
-def load_part(weights: Path, part: str) -> torch.nn.Module:
-    """One model of the demo's SD1.5 parts folder, fp32."""
-    path = weights / f"{part}.safetensors"
-    tensors, configs, _ = read_converted(path, read_metadata(path), (part,))
-    checkpoint = Checkpoint(tensors, str(path))
-    model = build_checked(lambda: SD15_MODELS[part](configs[part]), checkpoint, f"the demo's {part}", f"{part}.")
-    return assign(model, checkpoint, "cpu", torch.float32, f"{part}.")
-
-
 def train_unet(out: Path, smoke: bool = False, progress: bool = True) -> dict:
     s = UNET
     steps, batch = run_size(s, smoke)
     weights, folder = out / "weights", out / "unet"
-    text_encoder, vae = load_part(weights, "text_encoder"), load_part(weights, "vae")
+    text_encoder, vae = (load_part(weights / f"{part}.safetensors", part) for part in ("text_encoder", "vae"))
     dataset_path = folder / "dataset.pt"
     if dataset_path.is_file():
         dataset = torch.load(dataset_path, weights_only=True)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..configs import ControlNetConfig, UNetConfig
+from ..models.configs import ControlNetConfig, UNetConfig
 from .files import Checkpoint, CheckpointError, read_metadata, read_state_dict
 from .sd15 import config_from_json, unet_config_from_diffusers, unet_table
 from .single_model import converted_metadata, read_converted_model, read_diffusers_model

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from ..configs import ImageEncoderConfig
+from ..models.configs import ImageEncoderConfig
 from .files import Checkpoint, CheckpointError, read_metadata, read_state_dict
 
 FORMAT = "ipadapter_min.image_encoder"  # the project's converted file: keys visual.*, config in metadata

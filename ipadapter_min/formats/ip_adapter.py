@@ -1,7 +1,7 @@
 """IP-Adapter files → the project's layout (read here, written by ``python -m weights_convert ip-adapter``).
 
 Input: the official nested ``.bin`` or flat ``.safetensors`` (h94/IP-Adapter, SD1.5 variants), or
-an already converted file. Output keys are ``ipadapter_min.ip_adapter.IPAdapter``'s state dict:
+an already converted file. Output keys are ``ipadapter_min.ip_adapter.adapter.IPAdapter``'s state dict:
 
     image_proj.<official image_proj key>      unchanged (dtype as stored: fp16, the plus resampler fp32)
     ip_layers.<0..15>.to_k_ip.weight          official ip_adapter.<1,3,…,31>.to_k_ip.weight, renumbered
@@ -20,8 +20,8 @@ from typing import Mapping
 
 import torch
 
-from ..configs import VIT_H, VIT_H_TOKENS, VIT_H_WIDTH, AdapterSpec, ResamplerConfig, encoder_name
-from ..ip_layers import LAYER_OF_OFFICIAL, LAYERS, NUM_LAYERS
+from ..ip_adapter.layers import LAYER_OF_OFFICIAL, LAYERS, NUM_LAYERS
+from ..models.configs import VIT_H, VIT_H_TOKENS, VIT_H_WIDTH, AdapterSpec, ResamplerConfig, encoder_name
 from .files import Checkpoint, CheckpointError, read_metadata, read_state_dict, save_safetensors, write_atomically
 
 FORMAT = "ipadapter_min.ip_adapter"
@@ -134,7 +134,7 @@ def detect_variant(state: Mapping[str, object], source: str = "checkpoint") -> A
     values are tensors or shapes). Raises a one-line :class:`CheckpointError` naming ``source``.
 
     Any token width (``context_dim``) is accepted here: whether it fits a UNet is checked where the
-    adapter meets one (``loading.check_context_width``). Base and plus take embeddings and hidden
+    adapter meets one (``loading.ip_adapter.check_context_width``). Base and plus take embeddings and hidden
     states of any width, so that adapters for small models of our own read as the releases do."""
     keys = set(state)
     if any(k.startswith("perceiver_resampler.") for k in keys) or (

@@ -30,7 +30,7 @@ from typing import Mapping
 
 import torch
 
-from ..configs import UNetConfig
+from ..models.configs import UNetConfig
 from .files import CheckpointError, read_metadata, read_state_dict
 from .sd15 import rename, unet_table
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..configs import TextEncoderConfig, UNetConfig, VAEConfig
+from ..models.configs import TextEncoderConfig, UNetConfig, VAEConfig
 from .files import Checkpoint, CheckpointError, one_line, read_metadata, read_state_dict
 
 FORMAT = "ipadapter_min.sd15"

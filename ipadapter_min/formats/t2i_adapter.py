@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..configs import T2IAdapterConfig
+from ..models.configs import T2IAdapterConfig
 from .files import Checkpoint, CheckpointError, read_metadata, read_state_dict
 from .sd15 import config_from_json
 from .single_model import converted_metadata, read_converted_model, read_diffusers_model

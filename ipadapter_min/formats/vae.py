@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..configs import VAEConfig
+from ..models.configs import VAEConfig
 from .files import Checkpoint, CheckpointError, read_state_dict
-from .sd15 import config_from, read_json, rename, vae_attention_as_convolutions, vae_config_from_diffusers, vae_table, \
-    weights_file
+from .sd15 import (config_from, read_json, rename, vae_attention_as_convolutions, vae_config_from_diffusers, vae_table,
+                   weights_file)
 
 VAE_PREFIXES = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")  # our VAE's (and the original's) parts
 IGNORED_PREFIXES = ("model_ema.", "loss.")  # EMA copies and the training loss's discriminator in the original files

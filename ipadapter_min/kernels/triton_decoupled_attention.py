@@ -41,12 +41,12 @@ from __future__ import annotations
 
 import functools
 import math
+import triton
+import triton.language as tl
 from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
-import triton
-import triton.language as tl
 
 _LOG2E = 1.4426950408889634
 

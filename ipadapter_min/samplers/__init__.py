@@ -1,6 +1,9 @@
 """The samplers of ``StableDiffusion(…, sampler=NAME)`` and ``--sampler NAME``, each the diffusers
 scheduler of the same name built from SD1.5's scheduler config (``X.from_config``), so the same seed
-gives its image; one interface (:class:`Sampler`), one file each, one noise schedule (``schedule``)."""
+gives its image; one interface (:class:`Sampler`), one file each, one noise schedule (``schedule``).
+
+It imports nothing else of ours.
+"""
 from __future__ import annotations
 
 from .ddim import DDIM

@@ -17,7 +17,6 @@ STEPS_OFFSET = 1
 
 
 class DDIM(Sampler):
-    label = "DDIM"
     max_steps = SD15.train_steps - STEPS_OFFSET  # with steps_offset 1, 1000 steps would visit t = 1000
 
     def __init__(self, steps: int, eta: float = 0.0, schedule: NoiseSchedule = SD15):

@@ -37,7 +37,6 @@ class DPMPlusPlus2M(Sampler):
 
     def __init__(self, steps: int, karras: bool = False, schedule: NoiseSchedule = SD15):
         super().__init__(steps, schedule)
-        self.label = "DPM++ 2M Karras" if karras else "DPM++ 2M"
         if karras:
             sigmas = schedule.karras_sigmas(steps, schedule.sigmas[0].item(), schedule.sigmas[-1].item())
             self.timesteps = schedule.sigma_to_t(sigmas).round().long()

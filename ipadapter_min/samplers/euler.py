@@ -16,7 +16,6 @@ from .schedule import SD15, NoiseSchedule, linspace
 
 
 class Euler(Sampler):
-    label = "Euler"
 
     def __init__(self, steps: int, schedule: NoiseSchedule = SD15):
         super().__init__(steps, schedule)

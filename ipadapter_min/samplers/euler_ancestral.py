@@ -15,7 +15,6 @@ from .sampler import fresh_noise
 
 
 class EulerAncestral(Euler):
-    label = "Euler a"
 
     def step(self, eps: torch.Tensor, i: int, x: torch.Tensor, generator: torch.Generator | None = None
              ) -> torch.Tensor:

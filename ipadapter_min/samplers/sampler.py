@@ -20,7 +20,6 @@ from .schedule import SD15, TRAIN_STEPS, NoiseSchedule
 
 
 class Sampler:
-    label = ""  # the name in the PNG's parameters (AUTOMATIC1111's names for the same samplers)
     max_steps = TRAIN_STEPS
     timesteps: torch.Tensor  # the UNet's timestep at each step, noisiest first (int64, or float32 for Euler)
     init_noise_sigma: float | torch.Tensor = 1.0  # the starting noise's scale

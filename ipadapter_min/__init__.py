@@ -12,7 +12,7 @@ _LAZY = {
     # pipelines: prompt (and reference images, init image, mask, controls) → images
     "StableDiffusion": ".pipelines.text_to_image",
     "IPAdapterPipeline": ".pipelines.image_prompts",
-    "ImagePromptInput": ".pipelines.image_prompts",
+    "ImagePromptInput": ".pipelines.image_prompt_input",
     "ControlNetInput": ".pipelines.controls",
     "T2IAdapterInput": ".pipelines.controls",
     # loaders: any download format → checked models

@@ -155,3 +155,18 @@ class ImageEncoderReference:
 @pytest.fixture(scope="session")
 def vit_h_reference(tmp_path_factory) -> ImageEncoderReference:
     return ImageEncoderReference(tmp_path_factory.mktemp("vit_h"))
+
+
+FULL_SIZE_FIXTURES = {"full", "vit_h_reference"}  # the session's full-size SD1.5 and ViT-H/14 references
+
+
+def pytest_collection_modifyitems(items):
+    """``python -m pytest -m quick``, the inner loop: every test but those on full-size models (the
+    ``*_full.py`` modules, whatever takes a full-size fixture or is marked ``full_size``) and those
+    marked ``slow`` (commands and imports in subprocesses, a wheel build, torchrun, a benchmark
+    run, compiling, training the demo's models, every Unicode code point)."""
+    for item in items:
+        full_size = (item.path.stem.endswith("_full") or item.get_closest_marker("full_size")
+                     or FULL_SIZE_FIXTURES & set(getattr(item, "fixturenames", ())))
+        if not full_size and not item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.quick)

@@ -12,6 +12,7 @@ import kernel_spy
 from ipadapter_min.benchmarks import attention as bench
 
 
+@pytest.mark.slow  # a whole benchmark run
 def test_benchmark_runs_on_cpu(tmp_path):
     out = tmp_path / "results.json"
     result = subprocess.run([sys.executable, "-m", "ipadapter_min.benchmarks.attention", "--cpu-reps", "1", "--image-tokens", "4",

@@ -15,7 +15,10 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
 from packaging.requirements import Requirement
+
+pytestmark = pytest.mark.slow  # wheel builds and every entry point in subprocesses
 
 ROOT = Path(__file__).resolve().parents[1]
 IMPORT_NAMES = {"ipadapter_min", "weights_convert"}

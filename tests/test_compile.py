@@ -29,7 +29,7 @@ dispatch = importlib.import_module("ipadapter_min.kernels.decoupled_attention") 
 FUSED_GPU = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
 TOKEN_WIDTH = 48
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # torch.compile tracing
 
 
 @pytest.fixture(autouse=True)

@@ -22,7 +22,8 @@ from torch import nn
 from ipadapter_min.models import unet as unet_module
 from ipadapter_min.models import vae as vae_module
 from ipadapter_min.models.configs import UNetConfig, VAEConfig
-from ipadapter_min.models.unet import StridedConv2d, UNet
+from ipadapter_min.models.strided_conv2d import StridedConv2d
+from ipadapter_min.models.unet import UNet
 from ipadapter_min.models.vae import VAE
 
 # A correct bf16 convolution accumulates in fp32 and rounds once: within bf16's unit roundoff

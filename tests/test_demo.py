@@ -56,6 +56,7 @@ def test_stage_resumes_bit_for_bit(tmp_path):
     assert (tmp_path / "b" / "log.csv").read_text().count("\n") == 7  # header + 6 steps, none twice
 
 
+@pytest.mark.slow  # trains every demo stage
 def test_smoke_run_of_every_stage_gives_weights_sample_loads(tmp_path, monkeypatch):
     out = tmp_path / "demo"
     assert demo_cli.main(["train", "--out", str(out), "--smoke", "--no-progress"]) == 0

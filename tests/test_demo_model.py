@@ -19,6 +19,8 @@ from ipadapter_min.demo.judge import load_judge, predict
 from ipadapter_min.demo.world import full_caption, render, scenes
 from ipadapter_min.pipelines.image_prompts import IPAdapterPipeline
 
+pytestmark = pytest.mark.slow  # the demo model's judged checks generate hundreds of images
+
 ROOT = Path(__file__).resolve().parents[1]
 SEED = 4242  # held-out scenes: no training stage draws from it
 COUNT = 12

@@ -27,7 +27,7 @@ from ipadapter_min.models.configs import ImageEncoderConfig
 from ipadapter_min.formats.files import CheckpointError
 from ipadapter_min.formats.image_encoder import LAYER_RENAMES, transformers_to_open_clip
 from ipadapter_min.formats.ip_adapter import detect_variant, save_official
-from ipadapter_min.models.image_encoder import preprocess
+from ipadapter_min.models.clip_preprocess import preprocess
 from ipadapter_min.ip_adapter.adapter import IPAdapter
 from ipadapter_min.ip_adapter.layers import CROSS_ATTENTION_WIDTHS
 from ipadapter_min.training.data import read_coco
@@ -304,6 +304,7 @@ def test_coco_captions_first_caption_in_image_id_order(tmp_path):
         read_coco(captions, tmp_path)
 
 
+@pytest.mark.slow  # torchrun, two processes
 def test_torchrun_two_processes_give_the_one_process_scores(run, setup, tmp_path):
     """Pairs sharded over 2 CPU processes (gloo): the same rows and summary as one process."""
     out = tmp_path / "out"

@@ -26,7 +26,8 @@ from transformers import (
 )
 
 from ipadapter_min.models.configs import ImageEncoderConfig  # noqa: E402
-from ipadapter_min.models.image_encoder import ImageEncoder, preprocess  # noqa: E402
+from ipadapter_min.models.clip_preprocess import preprocess  # noqa: E402
+from ipadapter_min.models.image_encoder import ImageEncoder  # noqa: E402
 from ipadapter_min.loading.ip_adapter import image_encoder_from_state_dict, load_image_encoder
 from reference_models import hf_config, random_hf_model, sample_images  # noqa: E402
 from ipadapter_min.formats.files import CheckpointError, read_metadata  # noqa: E402

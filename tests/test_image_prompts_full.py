@@ -15,7 +15,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import reference_models as ref
-from ipadapter_min.pipelines.image_prompts import ImagePromptInput, image_prompt_hook
+from ipadapter_min.pipelines.image_prompt_input import ImagePromptInput, image_prompt_hook
 from ipadapter_min.loading.ip_adapter import load_image_encoder, load_ip_adapter
 from ipadapter_min.loading.sd15 import load_sd15
 from ipadapter_min.pipelines.text_to_image import StableDiffusion

@@ -18,9 +18,10 @@ from ipadapter_min.kernels import decoupled_attention, decoupled_attention_refer
 from ipadapter_min.models.configs import VIT_BIGG, VIT_H, ImageEncoderConfig, ResamplerConfig
 from ipadapter_min.formats.ip_adapter import FORMAT, detect_variant
 from ipadapter_min.samplers.cfg import CFGBatch, per_row
-from ipadapter_min.models.image_encoder import preprocess
-from ipadapter_min.ip_adapter.projection import Resampler
+from ipadapter_min.models.clip_preprocess import preprocess
+from ipadapter_min.ip_adapter.resampler import Resampler
 from ipadapter_min.ip_adapter.adapter import IPAdapterLayers
+from ipadapter_min.ip_adapter.combine import combined_tokens
 from ipadapter_min.ip_adapter.tokens import encode_images, image_prompt_tokens, tokens_from_features
 from ipadapter_min.ip_adapter.layers import LAYERS, expand_scale
 from ipadapter_min.pipelines.image_prompts import IPAdapterPipeline
@@ -493,7 +494,7 @@ def test_average_combine_and_errors(states, small_vit_h):
     base, plus = _adapter(states["base"]), _adapter(states["plus"])
     embeds = torch.randn(2, 1024, generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
-        positive, negative = tokens_from_features(base, embeds, combine="average", weights=[1, 3])
+        positive, negative = combined_tokens(base, embeds, torch.zeros_like(embeds), "average", weights=[1, 3])
         assert positive.shape == negative.shape == (1, 4, 768)
         assert torch.allclose(positive, base(0.25 * embeds[:1] + 0.75 * embeds[1:]), atol=1e-6)
         assert torch.equal(negative, base(torch.zeros(1, 1024)))

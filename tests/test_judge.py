@@ -28,6 +28,19 @@ def held_out():
     return held, [render(scene, seed=1000 + i) for i, scene in enumerate(held)]
 
 
+@pytest.fixture(scope="module")
+def little_judge(one_thread, tmp_path_factory):
+    """A judge after 3 steps, for what does not need it to judge well (arguments, files)."""
+    return train_judge(3, tmp_path_factory.mktemp("little_judge"), batch_size=8, seed=0, progress=False)
+
+
+@pytest.fixture(scope="module")
+def few():
+    held = scenes(20, seed=12345)
+    return held, [render(scene, seed=1000 + i) for i, scene in enumerate(held)]
+
+
+@pytest.mark.slow  # trains the judge
 def test_learns_every_attribute(judge, held_out):
     scores = accuracy(judge, *held_out)
     assert all(scores[name] >= THRESHOLDS[name] for name in ATTRIBUTES), scores
@@ -40,15 +53,15 @@ def test_training_is_deterministic_and_logs(one_thread, tmp_path):
     assert (tmp_path / "a" / "log.csv").read_text().count("\n") == 4  # header + 3 steps
 
 
-def test_bad_arguments_are_refused(judge, held_out):
+def test_bad_arguments_are_refused(little_judge, few):
     with pytest.raises(ValueError, match="at least one training step"):
         train_judge(0, Path("unused"), progress=False)
     with pytest.raises(ValueError, match="as many scenes as images"):
-        accuracy(judge, held_out[0][:3], held_out[1][:2])
+        accuracy(little_judge, few[0][:3], few[1][:2])
 
 
-def test_predict_reads_values(judge, held_out):
-    readings = predict(judge, held_out[1][:5])
+def test_predict_reads_values(little_judge, few):
+    readings = predict(little_judge, few[1][:5])
     assert len(readings) == 5
     assert all(reading[name] in ATTRIBUTES[name] for reading in readings for name in ATTRIBUTES)
 
@@ -61,15 +74,15 @@ def test_pixels_are_in_unit_range_and_size_is_checked():
         judge_pixels([Image.new("RGB", (32, 32))])
 
 
-def test_save_load_round_trip_is_exact(judge, held_out, tmp_path):
+def test_save_load_round_trip_is_exact(little_judge, few, tmp_path):
     path = tmp_path / "judge.safetensors"
-    save_judge(judge, path)
+    save_judge(little_judge, path)
     loaded = load_judge(path)
-    assert judge.state_dict().keys() == loaded.state_dict().keys()
-    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in judge.state_dict().items())
-    assert predict(loaded, held_out[1][:20]) == predict(judge, held_out[1][:20])
+    assert little_judge.state_dict().keys() == loaded.state_dict().keys()
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in little_judge.state_dict().items())
+    assert predict(loaded, few[1]) == predict(little_judge, few[1])
     with pytest.raises(FileExistsError):
-        save_judge(judge, path)
+        save_judge(little_judge, path)
 
 
 LOAD_ERRORS = {

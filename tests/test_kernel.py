@@ -385,6 +385,7 @@ def test_cpu_dispatch_is_the_two_sdpa_reference_bit_for_bit(dtype, launches):
     assert ki.grad is not None and torch.isfinite(ki.grad).all()
 
 
+@pytest.mark.slow  # commands in subprocesses
 def test_importing_kernels_and_cpu_dispatch_do_not_import_triton():
     code = textwrap.dedent("""
         import sys, torch
@@ -418,6 +419,7 @@ def test_cuda_dispatch_uses_the_fused_kernel(launches):
 
 # ----------------------------------------------------------------------------- GPU compile
 
+@pytest.mark.slow  # compiles the kernel for three GPU archs in a subprocess
 def test_default_configs_fit_every_gpu_arch():
     """Compile the kernel with its default configs for sm_80, sm_86 and sm_90 (Triton's own
     ptxas, no driver; tests/gpu_compile.py; ~40 s on 2 cores with a cold Triton cache). A

@@ -24,6 +24,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("ipadapter_min", "weights_convert")
 # (name, module patterns); ``pkg.*`` is the package and everything in it; the first match wins
@@ -203,6 +205,7 @@ def test_only_the_benchmarks_import_the_oracles_and_only_when_comparing():
     assert not wrong, wrong
 
 
+@pytest.mark.slow  # commands in subprocesses
 def test_the_public_api_is_the_top_level_and_lazy():
     """``import ipadapter_min`` imports no torch; each public name resolves to its defining module's
     object; an unknown name is an AttributeError, as for any module."""

@@ -22,6 +22,8 @@ import reference_models as ref
 from ipadapter_min.formats.files import read_state_dict
 from weights_convert.__main__ import main as convert_main
 
+pytestmark = pytest.mark.slow  # each load measured in a fresh process
+
 BOUND = 1.1  # the issue's goal: peak growth ≤ 1.1 × weights in the target dtype
 
 MEASURE = """

@@ -10,7 +10,6 @@ same float32 product to the same weights, so the differences are rounding in the
 from __future__ import annotations
 
 import copy
-import json
 
 import numpy as np
 import pytest

@@ -10,6 +10,8 @@ from PIL import Image
 
 from ipadapter_min.benchmarks import pipeline as bench
 
+pytestmark = pytest.mark.slow  # end-to-end benchmark runs, in subprocesses
+
 REPO = Path(__file__).resolve().parents[1]
 SMALL_RUN = ["--size", "small", "--resolution", "64", "--steps", "2", "--repeats", "1"]
 

@@ -72,6 +72,7 @@ def left_in(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name != "filler")
 
 
+@pytest.mark.slow  # commands in subprocesses
 @pytest.mark.parametrize("kind", ["sample", "weights_convert"])
 def test_a_full_disk_gives_one_line_naming_the_file(full_disk, kind):
     folder, preexec = full_disk
@@ -99,6 +100,7 @@ write_atomically(sys.argv[1], write, overwrite=True)
 """
 
 
+@pytest.mark.slow  # commands in subprocesses
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_an_interrupted_write_leaves_the_old_file_whole(tmp_path, signum):
     """A real signal, sent to a process in the middle of writing."""
@@ -151,6 +153,7 @@ def test_training_interrupted_mid_checkpoint_resumes_from_the_last_whole_one(tmp
     assert training_checkpoint.load_checkpoint(tmp_path / "checkpoint-1")[2] == first
 
 
+@pytest.mark.slow  # commands in subprocesses
 def test_ctrl_c_during_a_generation_is_one_line_and_leaves_nothing(tmp_path):
     out = tmp_path / "out.png"
     process = subprocess.Popen([sys.executable, "-m", "ipadapter_min.sample", "--prompt", "a red circle", "--steps",

@@ -28,6 +28,7 @@ def edit_unet(folder, edit):
     save_file(state, path)
 
 
+@pytest.mark.slow  # commands in subprocesses
 def test_runtime_imports_no_oracle():
     """The runtime package and the converter never import diffusers, transformers or accelerate."""
     code = ("import sys, ipadapter_min.sample, ipadapter_min.pipelines.text_to_image, weights_convert.__main__, ipadapter_min.kernels; "
@@ -197,14 +198,15 @@ def test_sample_writes_images_with_parameters(tiny, tmp_path):
 
 
 def test_sample_defaults_and_help_say_what_the_code_does(tmp_path):
-    """The CLI's defaults are the library's (StableDiffusion.__call__, IPAdapterPipeline.__call__)
-    and the README's ("30 steps, guidance 7.5, 512×512"); the defaults and limits that our help
-    strings state in words are the ones the code applies; every option has help of its own and the
+    """The CLI's defaults are the library's (StableDiffusion.__call__, IPAdapterPipeline.__call__,
+    ImagePromptInput) and the README's ("30 steps, guidance 7.5, 512×512"); the defaults and limits
+    that our help strings state in words are the ones the code applies; every option has help of its own and the
     help renders (a stray % in a help string would crash --help)."""
     import inspect
     import re
     from pathlib import Path
 
+    from ipadapter_min.pipelines.image_prompt_input import ImagePromptInput
     from ipadapter_min.pipelines.image_prompts import IPAdapterPipeline
     from ipadapter_min.pipelines.text_to_image import DEFAULT_SIZE, StableDiffusion, check_size
 
@@ -242,7 +244,7 @@ def test_sample_defaults_and_help_say_what_the_code_does(tmp_path):
                        "--out", str(tmp_path / "o.png"), "--device", "cpu"])
     ip = defaults(IPAdapterPipeline.__call__)
     assert (ip_args.scale, ip_args.image_combine, not ip_args.no_crop, ip_args.reference_attention) == (
-        ip["scale"], ip["combine"], ip["crop"], ip["reference_attention"])
+        ip["scale"], defaults(ImagePromptInput)["combine"], ip["crop"], ip["reference_attention"])
     helps = {a.option_strings[0]: a.help for a in parser._actions if a.option_strings and a.dest != "help"}
     assert f"default {ip['scale']}" in helps["--scale"]
 

@@ -13,7 +13,8 @@ from PIL import Image
 
 import reference_models as ref
 from ipadapter_min.loading.sd15 import load_sd15
-from ipadapter_min.pipelines.text_to_image import StableDiffusion, to_images
+from ipadapter_min.pipelines.image_processing import to_images
+from ipadapter_min.pipelines.text_to_image import StableDiffusion
 from ipadapter_min.samplers import DDIM
 
 TOL = 1e-5

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from ipadapter_min.pipelines import image_prompts as ip_pipeline
+from ipadapter_min.pipelines import image_prompt_input, image_prompt_models
 from ipadapter_min.cli import sample, train
 from ipadapter_min.models.configs import ImageEncoderConfig, TextEncoderConfig, UNetConfig, VAEConfig
 from ipadapter_min.formats.files import save_safetensors
@@ -118,7 +118,7 @@ def test_sd15_sized_adapter_is_refused_before_sd_weights_load(world, tmp_path, m
     def no_sd_load(*args, **kwargs):
         raise AssertionError("SD weights were loaded before the adapter was checked")
 
-    monkeypatch.setattr(ip_pipeline, "sd15_from_checkpoint", no_sd_load)
+    monkeypatch.setattr(image_prompt_models, "sd15_from_checkpoint", no_sd_load)
     monkeypatch.setattr(train, "sd15_from_checkpoint", no_sd_load)
     widths = "the adapter's image tokens are 768 wide, this UNet's cross-attention takes 128 " \
              "(an adapter for another base model, e.g. SDXL?)"
@@ -157,10 +157,10 @@ def test_image_prompt_groups_are_the_apis_several_adapters(world, trained, tmp_p
     sd = StableDiffusion(**load_sd15(world["model"]))
     adapter = load_ip_adapter(adapter_file, widths=sd.unet.cross_attention_widths(), context_dim=CONTEXT)
     encoder = load_image_encoder(world["encoder"])
-    prompts = [ip_pipeline.ImagePromptInput(adapter, encoder, [Image.open(images[0])], 0.7),
-               ip_pipeline.ImagePromptInput(adapter, encoder, [Image.open(p) for p in images[1:]], 0.9,
-                                            weight_type="ease out", masks=[Image.open(p) for p in masks], start=0.3)]
-    hook = ip_pipeline.image_prompt_hook(prompts, 64, 64)
+    prompts = [image_prompt_input.ImagePromptInput(adapter, encoder, [Image.open(images[0])], 0.7),
+               image_prompt_input.ImagePromptInput(adapter, encoder, [Image.open(p) for p in images[1:]], 0.9,
+                                                   weight_type="ease out", masks=[Image.open(p) for p in masks], start=0.3)]
+    hook = image_prompt_input.image_prompt_hook(prompts, 64, 64)
     expected = np.asarray(sd("waves", steps=3, seed=1, width=64, height=64, hook=hook, progress=False)[0])
     assert np.array_equal(got, expected)
     first_only = generate(world, tmp_path / "first.png", *groups[:8])

@@ -50,6 +50,7 @@ def original_keys(state: dict, light: bool, blocks_per_level: int) -> dict:
 
 
 @torch.no_grad()
+@pytest.mark.full_size  # SD1.5's T2I-Adapters
 @pytest.mark.parametrize("kind,in_channels", [("full_adapter", 3), ("full_adapter", 1), ("light_adapter", 3)])
 def test_adapter_matches_diffusers_from_every_format(tmp_path, kind, in_channels):
     light = kind == "light_adapter"
@@ -144,7 +145,7 @@ def test_unet_step_with_an_image_prompt_and_a_t2i_adapter_matches_diffusers(smal
 
     from ipadapter_min.models.configs import AdapterSpec
     from ipadapter_min.training.recipe import new_adapter
-    from ipadapter_min.models.unet import Residuals
+    from ipadapter_min.models.residuals import Residuals
     unet = load_sd15(small.folder)["unet"]
     adapter = new_adapter(AdapterSpec.on_embedding(1024, TOKENS), unet)
     theirs = small.load_unet()

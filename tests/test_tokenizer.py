@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 import reference_models
 from ipadapter_min.models import tokenizer as T
+from ipadapter_min.models import tokenizer_unicode as U
 from ipadapter_min.models.tokenizer import Tokenizer
 
 
@@ -127,6 +128,7 @@ def test_hypothesis_matches_transformers(ref, mine, batch):
     assert_same(ref, mine, batch)
 
 
+@pytest.mark.slow  # every code point
 def test_unicode_tables_match_tokenizers_everywhere():
     """The letter / number / space classes, the lower-case map and NFC's behaviour agree with
     the Rust code behind transformers on every code point."""
@@ -139,7 +141,7 @@ def test_unicode_tables_match_tokenizers_everywhere():
         marked = normalizers.Replace(Regex(pattern), "\x00").normalize_str(everything)
         return {c for c, m in zip(chars, marked) if m == "\x00" and c != "\x00"}
 
-    char_class = T._char_class.__wrapped__  # uncached: the cache would only churn here
+    char_class = U.char_class.__wrapped__  # uncached: the cache would only churn here
     classes = {c: char_class(c) for c in chars}
     for kind, pattern in [("L", r"\p{L}"), ("N", r"\p{N}"), ("S", r"\s")]:
         expected = onig_class(pattern)
@@ -148,8 +150,8 @@ def test_unicode_tables_match_tokenizers_everywhere():
 
     # The reference lower-cases character by character, so one long string tests them all.
     lowercase = normalizers.Lowercase()
-    if T._lowercase(everything) != lowercase.normalize_str(everything):
-        bad = [c for c in chars if T._lowercase(c) != lowercase.normalize_str(c)]
+    if U.lowercase(everything) != lowercase.normalize_str(everything):
+        bad = [c for c in chars if U.lowercase(c) != lowercase.normalize_str(c)]
         pytest.fail(f"lower case differs on {[hex(ord(c)) for c in bad[:20]]}")
 
     # NFC: canonical reordering (a probe for each character's combining class: does it move
@@ -158,20 +160,22 @@ def test_unicode_tables_match_tokenizers_everywhere():
     for probe in (["a\u0345" + c + "\u0334" for c in chars],
                   [unicodedata.normalize("NFD", c) for c in chars]):
         text = " ".join(probe)
-        if T._nfc(text) != nfc.normalize_str(text):
-            bad = [p for p in probe if T._nfc(p) != nfc.normalize_str(p)]
+        if U.nfc(text) != nfc.normalize_str(text):
+            bad = [p for p in probe if U.nfc(p) != nfc.normalize_str(p)]
             pytest.fail(f"NFC differs on {[[hex(ord(c)) for c in p] for p in bad[:10]]}")
 
 
 def test_runtime_imports_stay_light():
     """Runtime code uses the standard library and torch only (no transformers, tokenizers,
     open_clip, ftfy or regex)."""
-    tree = ast.parse(pathlib.Path(T.__file__).read_text(encoding="utf-8"))
     imported = set()
-    for node in ast.walk(tree):
+    sources = [pathlib.Path(module.__file__).read_text(encoding="utf-8") for module in (T, U)]
+    for node in (node for source in sources for node in ast.walk(ast.parse(source))):
         if isinstance(node, ast.Import):
             imported |= {alias.name.split(".")[0] for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0:
             imported.add(node.module.split(".")[0])
+        elif isinstance(node, ast.ImportFrom):
+            assert node.module == "tokenizer_unicode", node.module  # the tokenizer's one import of ours
     allowed = set(sys.stdlib_module_names) | {"torch", "numpy"}
     assert imported <= allowed, imported - allowed

@@ -250,6 +250,7 @@ def test_sampler_shards_the_same_global_batches():
     assert list(RankBatches(7, 4, 0, 1, seed=5, start_micro_step=2, micro_steps=3)) == one[2:]
 
 
+@pytest.mark.slow  # torchrun, two processes
 def test_two_processes_under_torchrun_match_one(four_steps, base_args, tmp_path):
     """torchrun --nproc_per_node 2 (gloo, batch 1 each) against one process with batch 2: DDP
     averages the two gradients where one process averages two samples' losses: the same run up

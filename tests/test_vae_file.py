@@ -53,6 +53,7 @@ def full_size(tmp_path_factory):
     return original, reference, tmp_path_factory.mktemp("full_vae")
 
 
+@pytest.mark.full_size  # a full-size VAE
 def test_original_file_matches_diffusers(full_size):
     original, reference, folder = full_size
     plain = folder / "vae-ft-mse-840000-ema-pruned.safetensors"

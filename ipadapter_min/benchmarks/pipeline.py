@@ -63,7 +63,7 @@ from ..models.text_encoder import TextEncoder
 from ..models.tokenizer import BOS_ID, EOS_ID, Tokenizer
 from ..models.unet import UNet
 from ..models.vae import VAE
-from ..pipelines.image_prompts import ImagePromptInput
+from ..pipelines.image_prompt_input import ImagePromptInput
 from ..pipelines.text_to_image import StableDiffusion
 from . import loading
 

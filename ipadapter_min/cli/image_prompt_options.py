@@ -25,7 +25,7 @@ from ..ip_adapter.layers import expand_scale
 from ..ip_adapter.negative_noise import KINDS as NOISE_KINDS, negative_noise
 from ..ip_adapter.weight_types import WEIGHT_TYPES, weight_type
 from ..kernels import decoupled_attention, decoupled_attention_reference
-from ..pipelines.image_prompts import ImagePromptInput, image_prompt_hook
+from ..pipelines.image_prompt_input import ImagePromptInput, image_prompt_hook
 from .image_embeds import read_image_embeds, save_image_embeds
 from .image_files import open_image, open_mask
 from .parsing import finite, flag_spans, fraction

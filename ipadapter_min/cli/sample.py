@@ -24,7 +24,8 @@ from PIL import Image
 
 from ..models.cpu_convolutions import pack_convolutions
 from ..pipelines.controls import ControlNetInput, T2IAdapterInput
-from ..pipelines.image_prompts import ImagePromptInput, load_image_prompt_models
+from ..pipelines.image_prompt_input import ImagePromptInput
+from ..pipelines.image_prompt_models import load_image_prompt_models
 from ..pipelines.text_to_image import StableDiffusion
 from . import control_options, editing_options, generation_options, image_prompt_options, model_options, \
     output_options, rerun

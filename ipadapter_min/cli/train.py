@@ -26,9 +26,9 @@ from ..formats.files import WriteError, one_line, write_atomically
 from ..formats.image_encoder import read_image_encoder
 from ..formats.ip_adapter import read_ip_adapter, save_official
 from ..formats.sd15 import read_sd15
-from ..loading.ip_adapter import check_context_width, image_encoder_from_checkpoint, ip_adapter_from_checkpoint
+from ..loading.ip_adapter import (check_compatible, check_context_width, image_encoder_from_checkpoint,
+                                  ip_adapter_from_checkpoint)
 from ..loading.sd15 import sd15_from_checkpoint
-from ..pipelines.image_prompts import check_compatible
 from ..samplers import NoiseSchedule
 from ..training.cache import CachedDataset, TrainingCache, file_fingerprint
 from ..training.checkpoint import (checkpoint_folder, find_checkpoint, load_checkpoint, read_state, save_checkpoint,

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.image_encoder import ImageEncoder, preprocess
+from ..models.clip_preprocess import preprocess
+from ..models.image_encoder import ImageEncoder
 from ..models.text_encoder import TextEncoder
 from ..models.tokenizer import Tokenizer
 from .batches import draw_scenes

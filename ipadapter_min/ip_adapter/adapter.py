@@ -20,7 +20,7 @@ from ..kernels import decoupled_attention
 from ..models.configs import CONTEXT_DIM, AdapterSpec
 from .hook import DecoupledAttention, DecoupledCrossAttention
 from .layers import CROSS_ATTENTION_WIDTHS
-from .projection import build_projection
+from .variants import build_projection
 
 
 class IPAdapterLayer(nn.Module):

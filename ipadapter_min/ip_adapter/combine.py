@@ -6,6 +6,9 @@ from typing import Sequence
 
 import torch
 
+from .adapter import IPAdapter
+from .tokens import tokens_from_features
+
 COMBINE = ("concat", "average", "add", "subtract", "norm average")
 
 
@@ -29,3 +32,16 @@ def combine_features(features: torch.Tensor, combine: str, weights: Sequence[flo
     if combine == "norm average":
         return (features / features.norm(dim=0, keepdim=True)).mean(0, keepdim=True)
     raise ValueError(f"unknown combine {combine!r}: expected one of {', '.join(COMBINE)}")
+
+
+def combined_tokens(adapter: IPAdapter, features: torch.Tensor, negative_features: torch.Tensor, combine: str = "concat",
+                    weights: Sequence[float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positive, negative) image tokens of one prompt from N images' features: "concat" keeps every
+    image's tokens (``tokens.tokens_from_features``, the paper's and diffusers' way); the others
+    project one image's features combined by :func:`combine_features`, whose negative is the first
+    image's, as ComfyUI has it."""
+    if combine == "concat":
+        if weights is not None:
+            raise ValueError("weights apply to combine='average' only")
+        return tokens_from_features(adapter, features, negative_features)
+    return adapter(combine_features(features, combine, weights)), adapter(negative_features[:1])

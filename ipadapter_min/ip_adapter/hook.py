@@ -119,7 +119,7 @@ class DecoupledCrossAttention:
         tokens = self.tokens.to(device=weight.device, dtype=weight.dtype)
         b, n, _ = tokens.shape
         k, v = (lin(tokens).view(b, n, heads, -1).transpose(1, 2).to(device=device, dtype=dtype).contiguous()
-                for lin in (proj.to_k_ip, proj.to_v_ip))  # (b, heads, n, head_dim) each
+                for lin in (proj.to_k_ip, proj.to_v_ip))  # (b, heads, n, d) each
         self._kv[layer] = (k, v)
         return k, v
 
@@ -135,6 +135,6 @@ class DecoupledCrossAttention:
         """q (B, heads, Lq, d); k, v the text's (B, heads, 77, d) → (B, heads, Lq, d)."""
         rows = self.layout(q.shape[0], layer)
         if not self.acts(layer):
-            return decoupled_attention(q, k, v)
-        k_img, v_img = self.row_kv(layer, q, rows)
-        return self.attention(q, k, v, k_img, v_img, self.scales[layer])
+            return decoupled_attention(q, k, v)  # (B, heads, Lq, d), the base model's bits
+        k_img, v_img = self.row_kv(layer, q, rows)  # (B, heads, tokens, d) each
+        return self.attention(q, k, v, k_img, v_img, self.scales[layer])  # (B, heads, Lq, d)

@@ -1,25 +1,15 @@
-"""IP-Adapter image projection models: CLIP image features → image tokens for cross-attention.
-
-Three models cover the SD1.5 releases (h94/IP-Adapter, models/):
-
-- :class:`ImageProjection` (ip-adapter_sd15, _sd15_light, _sd15_vit-G): Linear → reshape → LayerNorm
-  on the *projected* CLIP image embedding; 4 tokens.
-- :class:`Resampler` (ip-adapter-plus_sd15, plus-face): a Perceiver resampler over the
-  *penultimate* hidden states of the image encoder; 16 tokens.
-- :class:`MLPProjection` (ip-adapter-full-face_sd15): Linear → GELU → Linear → LayerNorm applied to
-  every penultimate hidden state; 257 tokens.
+"""The paper's image projection: the CLIP image embedding → image tokens for cross-attention
+(ip-adapter_sd15, _sd15_light, _sd15_vit-G); the other releases' are in ``variants.py``.
 
 Attribute names follow the official checkpoint keys (``image_proj.*`` without the prefix), so a
-release file loads with ``load_state_dict(strict=True)``. Which model a file holds is told from
-its keys and shapes alone (``formats.ip_adapter.detect_variant``), never from the file name.
+release file loads with ``load_state_dict(strict=True)``.
 """
 from __future__ import annotations
 
 import torch
-from einops import rearrange
 from torch import nn
 
-from ..models.configs import CONTEXT_DIM, VIT_H_PROJECTION, VIT_H_WIDTH, AdapterSpec, ResamplerConfig
+from ..models.configs import CONTEXT_DIM, VIT_H_PROJECTION
 
 
 class ImageProjection(nn.Module):
@@ -34,88 +24,4 @@ class ImageProjection(nn.Module):
     def forward(self, image_embeds: torch.Tensor) -> torch.Tensor:
         """(B, embed_dim) projected CLIP embeddings → (B, tokens, context_dim)."""
         x = self.proj(image_embeds.to(self.proj.weight.dtype))
-        return self.norm(x.reshape(x.shape[0], self.tokens, self.context_dim))
-
-
-class MLPProjection(nn.Module):
-    """``proj`` = Linear(e, e) → GELU → Linear(e, context_dim) → LayerNorm, token by token."""
-
-    def __init__(self, embed_dim: int = VIT_H_WIDTH, context_dim: int = CONTEXT_DIM):
-        super().__init__()
-        self.proj = nn.Sequential(nn.Linear(embed_dim, embed_dim), nn.GELU(), nn.Linear(embed_dim, context_dim),
-                                  nn.LayerNorm(context_dim))
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """(B, L, embed_dim) penultimate hidden states → (B, L, context_dim)."""
-        return self.proj(hidden_states.to(self.proj[0].weight.dtype))
-
-
-class PerceiverAttention(nn.Module):
-    """Queries from the latents; keys and values from [features; latents]. Bias-free projections."""
-
-    def __init__(self, dim: int, dim_head: int, heads: int):
-        super().__init__()
-        self.dim_head, self.heads = dim_head, heads
-        inner = dim_head * heads
-        self.norm1 = nn.LayerNorm(dim)  # for the image features
-        self.norm2 = nn.LayerNorm(dim)  # for the latents
-        self.to_q = nn.Linear(dim, inner, bias=False)
-        self.to_kv = nn.Linear(dim, 2 * inner, bias=False)  # k and v stacked along the output axis
-        self.to_out = nn.Linear(inner, dim, bias=False)
-
-    def forward(self, x: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-        x, latents = self.norm1(x), self.norm2(latents)
-        q = self.to_q(latents)
-        k, v = self.to_kv(torch.cat((x, latents), dim=-2)).chunk(2, dim=-1)
-        q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=self.heads) for t in (q, k, v))
-        s = self.dim_head ** -0.25  # applied to q and k each, as the official code does (fp16 range)
-        weights = (q * s) @ (k * s).transpose(-2, -1)
-        weights = torch.softmax(weights.float(), dim=-1).to(weights.dtype)
-        return self.to_out(rearrange(weights @ v, "b h n d -> b n (h d)"))
-
-
-def _feed_forward(dim: int, mult: int) -> nn.Sequential:
-    # Keys .0 (LayerNorm), .1 and .3 (bias-free Linears); .2 is the GELU.
-    return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim * mult, bias=False), nn.GELU(),
-                         nn.Linear(dim * mult, dim, bias=False))
-
-
-class Resampler(nn.Module):
-    """Perceiver resampler: ``num_queries`` learned latents attend to the projected image features.
-
-    Keys: latents, proj_in, proj_out, norm_out, layers.L.0.{norm1,norm2,to_q,to_kv,to_out},
-    layers.L.1.{0,1,3}.
-    """
-
-    def __init__(self, config: ResamplerConfig = ResamplerConfig()):
-        super().__init__()
-        c = self.config = config
-        self.latents = nn.Parameter(torch.empty(1, c.num_queries, c.dim))
-        if not self.latents.is_meta:  # (random ops on meta tensors cost seconds of lazy imports)
-            nn.init.normal_(self.latents, std=c.dim ** -0.5)  # the official init, randn / √dim
-        self.proj_in = nn.Linear(c.embedding_dim, c.dim)
-        self.proj_out = nn.Linear(c.dim, c.output_dim)
-        self.norm_out = nn.LayerNorm(c.output_dim)
-        self.layers = nn.ModuleList(
-            nn.ModuleList([PerceiverAttention(c.dim, c.dim_head, c.heads), _feed_forward(c.dim, c.ff_mult)])
-            for _ in range(c.depth))
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """(B, L, embedding_dim) penultimate hidden states → (B, num_queries, output_dim)."""
-        x = self.proj_in(hidden_states.to(self.proj_in.weight.dtype))
-        latents = self.latents.expand(x.shape[0], -1, -1)
-        for attn, ff in self.layers:
-            latents = attn(x, latents) + latents
-            latents = ff(latents) + latents
-        return self.norm_out(self.proj_out(latents))
-
-
-def build_projection(spec: AdapterSpec) -> nn.Module:
-    """The projection module for this variant (weights uninitialised on the meta device: load them)."""
-    if spec.variant in ("base", "vit-g"):
-        return ImageProjection(spec.feature_dim, spec.tokens, spec.context_dim)
-    if spec.variant == "full-face":
-        return MLPProjection(spec.feature_dim, spec.context_dim)
-    if spec.variant == "plus":
-        return Resampler(spec.resampler)
-    raise ValueError(f"unknown IP-Adapter variant {spec.variant!r}")
+        return self.norm(x.reshape(x.shape[0], self.tokens, self.context_dim))  # (B, tokens, context_dim)

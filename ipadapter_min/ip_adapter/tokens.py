@@ -1,14 +1,13 @@
-"""Reference images → one prompt's positive and negative image tokens: encode, (combine), project."""
+"""Reference images → one prompt's positive and negative image tokens: encode, project."""
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 from torch import nn
 
 from ..models.configs import AdapterSpec
 from .adapter import IPAdapter
-from .combine import combine_features
 
 
 def _encoder_dtype(encoder: Callable) -> tuple[torch.device, torch.dtype] | None:
@@ -57,42 +56,27 @@ def encode_images(encoder: Callable, pixels: torch.Tensor, spec: AdapterSpec,
     return features, negative
 
 
-def _combine(adapter: IPAdapter, features: torch.Tensor, combine: str, weights: Sequence[float] | None
-             ) -> torch.Tensor:
-    if combine == "concat":
-        if weights is not None:
-            raise ValueError("weights apply to combine='average' only")
-        tokens = adapter(features)
-        return tokens.reshape(1, features.shape[0] * tokens.shape[1], tokens.shape[2])  # image-major, as diffusers
-    return adapter(combine_features(features, combine, weights))
-
-
-def tokens_from_features(adapter: IPAdapter, features: torch.Tensor, negative_features: torch.Tensor | None = None,
-                         *, combine: str = "concat", weights: Sequence[float] | None = None
+def tokens_from_features(adapter: IPAdapter, features: torch.Tensor, negative_features: torch.Tensor | None = None
                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """(positive, negative) image tokens of one prompt, (1, tokens, context_dim) each, from the features of
     N reference images; the hook puts them in the UNet batch's rows.
 
-    Several images are combined by concatenating their tokens along the token axis (default, as
-    diffusers: one softmax over all images' tokens, N·T tokens), or into one image's features
-    before projecting (T tokens; :func:`combine_features`), whose negative is then the first
-    image's negative, as ComfyUI has it. ``negative_features`` default to a zero embedding
-    (base, light, vit-G); plus and full-face need the encoder's features of a zero image (see
-    :func:`encode_images`).
+    Several images' tokens are concatenated along the token axis, as diffusers does (one softmax
+    over all images' tokens, N·T tokens; ``combine.combined_tokens`` has ComfyUI's other ways).
+    ``negative_features`` default to a zero embedding (base, light, vit-G); plus and full-face
+    need the encoder's features of a zero image (see :func:`encode_images`).
     """
     if negative_features is None:
         if adapter.spec.uses_hidden_states:
             raise ValueError(f"the {adapter.spec.variant} adapter's negative tokens come from the image encoder "
                              f"(features of an all-zero pixel tensor): pass negative_features (encode_images)")
         negative_features = torch.zeros_like(features)
-    positive = _combine(adapter, features, combine, weights)
-    if combine == "concat":
-        return positive, _combine(adapter, negative_features, combine, None)
-    return positive, adapter(negative_features[:1])
+    positive, negative = adapter(features), adapter(negative_features)  # (N, T, C) each
+    return positive.flatten(0, 1)[None], negative.flatten(0, 1)[None]  # (1, N·T, C), image-major as diffusers
 
 
 def image_prompt_tokens(adapter: IPAdapter, encoder: Callable, pixels: torch.Tensor, *,
-                        negative_pixels: torch.Tensor | None = None, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`encode_images` then :func:`tokens_from_features` (same keyword arguments)."""
+                        negative_pixels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`encode_images` then :func:`tokens_from_features`."""
     features, negative = encode_images(encoder, pixels, adapter.spec, negative_pixels)
-    return tokens_from_features(adapter, features, negative, **kwargs)
+    return tokens_from_features(adapter, features, negative)

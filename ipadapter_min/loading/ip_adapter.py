@@ -17,6 +17,16 @@ from ..models.image_encoder import ImageEncoder, import_open_clip
 from .checked import assign, build_checked
 
 
+def check_compatible(spec: AdapterSpec, encoder: ImageEncoderConfig, where: str = "") -> None:
+    """An adapter only works with the encoder it was trained with: say so before any work (both
+    are known from their files' headers, before any weights are read)."""
+    width = encoder.width if spec.uses_hidden_states else encoder.proj_dim
+    if width != spec.feature_dim:
+        kind = "hidden width" if spec.uses_hidden_states else "projection width"
+        raise ValueError(f"{where}the {spec.variant} IP-Adapter needs a {spec.encoder} image encoder ({spec.encoder_output} "
+                         f"of width {spec.feature_dim}); the given encoder ({encoder.name}) has {kind} {width}")
+
+
 def check_context_width(spec: AdapterSpec, context_dim: int, where: str) -> None:
     """The image tokens are attended to beside the text tokens, so they must be as wide as the
     UNet's cross-attention context. Told apart here, where an adapter meets a UNet, not when its

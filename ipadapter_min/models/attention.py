@@ -33,4 +33,4 @@ class CrossAttentionHook(Protocol):
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Plain softmax(QKᵀ/√d)V for (batch, heads, length, head_dim) tensors."""
-    return decoupled_attention(q, k, v)
+    return decoupled_attention(q, k, v)  # (B, heads, Lq, d)

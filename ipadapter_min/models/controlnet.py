@@ -2,7 +2,7 @@
 
 A ControlNet is a trained copy of the UNet's first half (``unet.DownPath``: the same blocks,
 its own weights) that also sees the control image. Each of its 12 skip outputs and its middle
-output goes through a 1×1 "zero convolution" and is added to the UNet's (``unet.Residuals``).
+output goes through a 1×1 "zero convolution" and is added to the UNet's (``residuals.Residuals``).
 It reads the text tokens only: an image prompt changes the UNet's attention (the hook), never
 the ControlNet's, as in diffusers and the official IP-Adapter code.
 
@@ -16,7 +16,9 @@ import torch
 from torch import nn
 
 from .configs import ControlNetConfig
-from .unet import DownPath, Residuals, StridedConv2d
+from .residuals import Residuals
+from .strided_conv2d import StridedConv2d
+from .unet import DownPath
 
 
 def hint_encoder(cfg: ControlNetConfig) -> nn.Sequential:

@@ -2,7 +2,7 @@
 
 A small convolutional network turns the control image into one feature map per UNet resolution
 level, once per image rather than once per step; the UNet adds each to its hidden state after the
-level's last input block (``unet.Residuals.levels``). It never sees the text or the timestep.
+level's last input block (``residuals.Residuals.levels``). It never sees the text or the timestep.
 
 Two architectures, with the original TencentARC module names (``conv_in``, ``body.*``):
 

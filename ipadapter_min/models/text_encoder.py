@@ -28,10 +28,10 @@ class SelfAttention(nn.Module):
         self.out_proj = nn.Linear(width, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = (rearrange(proj(x), "b n (h d) -> b h n d", h=self.heads)
+        q, k, v = (rearrange(proj(x), "b n (h d) -> b h n d", h=self.heads)  # (B, heads, 77, d) each
                    for proj in (self.q_proj, self.k_proj, self.v_proj))
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.out_proj(rearrange(out, "b h n d -> b n (h d)"))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, heads, 77, d)
+        return self.out_proj(rearrange(out, "b h n d -> b n (h d)"))  # (B, 77, width)
 
 
 class MLP(nn.Module):

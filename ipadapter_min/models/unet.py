@@ -10,7 +10,6 @@ adapter reaches them only through the ``hook`` argument (see ``attention.py``).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -19,13 +18,15 @@ from torch import nn
 
 from .attention import CrossAttentionHook, attention
 from .configs import UNetConfig
+from .residuals import Residuals
+from .strided_conv2d import StridedConv2d
 
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     """Sinusoidal embedding [cos | sin] with frequencies 10000^(-i/half), as SD was trained."""
     half = dim // 2
     freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = t.float()[:, None] * freqs[None]
+    args = t.float()[:, None] * freqs[None]  # (B, half)
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
@@ -58,14 +59,15 @@ class Attention(nn.Module):
         self.layer: int | None = None  # cross-attention layers get their number (0..15) from the UNet
 
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:
-        return rearrange(x, "b n (h d) -> b h n d", h=self.heads)
+        return rearrange(x, "b n (h d) -> b h n d", h=self.heads)  # (B, L, dim) → (B, heads, L, d)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
                 hook: CrossAttentionHook | None = None) -> torch.Tensor:
         context = x if context is None else context
-        q, k, v = self.split_heads(self.to_q(x)), self.split_heads(self.to_k(context)), self.split_heads(self.to_v(context))
-        out = attention(q, k, v) if hook is None or self.layer is None else hook(self.layer, q, k, v)
-        return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
+        q = self.split_heads(self.to_q(x))  # (B, heads, Lq, d)
+        k, v = self.split_heads(self.to_k(context)), self.split_heads(self.to_v(context))  # (B, heads, Lk, d) each
+        out = attention(q, k, v) if hook is None or self.layer is None else hook(self.layer, q, k, v)  # (B, heads, Lq, d)
+        return self.to_out(rearrange(out, "b h n d -> b n (h d)"))  # (B, Lq, dim)
 
 
 class GEGLU(nn.Module):
@@ -113,31 +115,10 @@ class SpatialTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, hook: CrossAttentionHook | None) -> torch.Tensor:
         b, c, h, w = x.shape
-        y = self.proj_in(self.norm(x)).flatten(2).transpose(1, 2)
+        y = self.proj_in(self.norm(x)).flatten(2).transpose(1, 2)  # (B, h·w, c): one token per pixel
         for block in self.transformer_blocks:
             y = block(y, context, hook)
-        return x + self.proj_out(y.transpose(1, 2).reshape(b, c, h, w))
-
-
-class StridedConv2d(nn.Conv2d):
-    """A strided convolution that is right in bf16 on the CPU (the UNet's and the VAE's downsampling).
-
-    torch 2.14.1's CPU bf16 convolution with stride 2 returns garbage at small sizes on some CPUs:
-    errors up to ~1e37 or NaN, different bits on every call, e.g. 128 channels 4×2 → 2×1, or
-    1280 channels 3×2 → 2×1, which SD1.5 reaches at its third downsample of a 96×64 image. (This
-    fits oneDNN 3.12's AMX bf16 kernel, reported wrong for one-pixel-wide strided outputs,
-    pytorch#169688; CPUs without AMX get a correct kernel.) So on the CPU a bf16 input is
-    convolved in fp32 and rounded once to bf16: what a correct bf16 convolution gives (it
-    accumulates in fp32 too), the same bits on every call. Under CPU bf16 autocast (mixed-precision
-    training) likewise, with autocast held off for the one op. CUDA and other dtypes take the plain path."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and (x.dtype == torch.bfloat16 or (
-                torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)):
-            with torch.autocast("cpu", enabled=False):
-                y = self._conv_forward(x.float(), self.weight.float(), self.bias.float())
-            return y.to(torch.bfloat16)
-        return super().forward(x)
+        return x + self.proj_out(y.transpose(1, 2).reshape(b, c, h, w))  # (B, c, h, w)
 
 
 class Downsample(nn.Module):
@@ -177,29 +158,6 @@ class Step(nn.ModuleList):
             else:
                 x = layer(x)
         return x
-
-
-@dataclass
-class Residuals:
-    """What structural controls add to the UNet's activations: the one input through which
-    ControlNets and T2I-Adapters reach it, the way image prompts reach it through the hook.
-
-    ``skips``: one tensor per skip connection (12 for SD1.5), added to what the input blocks hand
-    to the output blocks, the hidden state going down unchanged (ControlNet). ``middle``: added to
-    the middle block's output (ControlNet). ``levels``: one tensor per resolution level, added to
-    the hidden state after the level's last input block, so that both its skip connection and the
-    path down carry it (T2I-Adapter). Several controls add up."""
-
-    skips: list[torch.Tensor] | None = None
-    middle: torch.Tensor | None = None
-    levels: list[torch.Tensor] | None = None
-
-    def __add__(self, other: "Residuals") -> "Residuals":
-        def add(a, b):
-            if a is None or b is None:
-                return b if a is None else a
-            return [x + y for x, y in zip(a, b, strict=True)] if isinstance(a, list) else a + b
-        return Residuals(*(add(getattr(self, f), getattr(other, f)) for f in ("skips", "middle", "levels")))
 
 
 class DownPath(nn.Module):

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .configs import VAEConfig
-from .unet import StridedConv2d, Upsample
+from .strided_conv2d import StridedConv2d
+from .unet import Upsample
 
 
 def group_norm(cfg: VAEConfig, channels: int) -> nn.GroupNorm:
@@ -46,9 +47,9 @@ class AttnBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         y = self.norm(x)
-        q, k, v = (proj(y).flatten(2).transpose(1, 2)[:, None] for proj in (self.q, self.k, self.v))
-        out = F.scaled_dot_product_attention(q, k, v)[:, 0]
-        return x + self.proj_out(out.transpose(1, 2).reshape(b, c, h, w))
+        q, k, v = (proj(y).flatten(2).transpose(1, 2)[:, None] for proj in (self.q, self.k, self.v))  # (B, 1, h·w, c)
+        out = F.scaled_dot_product_attention(q, k, v)[:, 0]  # (B, h·w, c)
+        return x + self.proj_out(out.transpose(1, 2).reshape(b, c, h, w))  # (B, c, h, w)
 
 
 class MidBlock(nn.Module):

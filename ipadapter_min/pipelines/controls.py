@@ -1,6 +1,6 @@
 """Structure controls in the denoising loop: a ControlNet or T2I-Adapter as a caller gives it (the
 model, its control image, how strongly and when it acts), and its guide, which gives the UNet its
-one residual input (``models.unet.Residuals``) at each step."""
+one residual input (``models.residuals.Residuals``) at each step."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -10,7 +10,7 @@ from PIL import Image
 
 from ..models.controlnet import ControlNet
 from ..models.t2i_adapter import T2IAdapter
-from ..models.unet import Residuals
+from ..models.residuals import Residuals
 from ..samplers.cfg import CFGBatch
 from ..samplers.step_ranges import in_step_range
 from .image_processing import require_output_size, unit_pixels

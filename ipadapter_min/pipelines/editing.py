@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from ..models.vae import VAE
 from ..samplers import Sampler
 from ..samplers.cfg import CFGBatch
+from .image_processing import Box, binary_mask, crop_box, vae_pixels
 
 IMG2IMG_STRENGTH, INPAINT_STRENGTH = 0.8, 1.0  # diffusers' defaults
 
@@ -90,3 +92,23 @@ class Inpainting:
         picture = (self.image_latents if next_step is None
                    else self.sampler.add_noise(self.image_latents, self.noise, next_step))
         return (1 - self.mask) * picture + self.mask * latents
+
+
+def picture_start(vae: VAE, sampler: Sampler, generator: torch.Generator, picture: Image.Image,
+                  mask: Image.Image | None, width: int, height: int, count: int, strength: float | None,
+                  mask_crop: int | None, unet_in_channels: int, device: torch.device
+                  ) -> tuple[torch.Tensor, int, Inpainting | None, Box | None]:
+    """Denoising that starts from ``picture``: (starting latents, the first step, the inpainting
+    state with a ``mask``, else None, and the box a ``mask_crop`` works in, else None). ``strength``
+    defaults to diffusers' for img2img or inpainting."""
+    strength = strength if strength is not None else INPAINT_STRENGTH if mask is not None else IMG2IMG_STRENGTH
+    start = first_step(sampler.steps, strength)
+    box = crop_box(mask, width, height, mask_crop) if mask is not None and mask_crop is not None else None
+    resize = "stretch" if box is None else "fill"
+    pixels = vae_pixels(picture, width, height, resize, box).to(device)
+    if mask is None:
+        return img2img_latents(vae, sampler, generator, pixels, count, start), start, None, box
+    repaint = binary_mask(mask, width, height, resize, box).to(device)
+    latents, inpainting = Inpainting.start(vae, sampler, generator, pixels, repaint, count, start, strength,
+                                           unet_in_channels)
+    return latents, start, inpainting, box

@@ -123,3 +123,10 @@ def paste_back(result: Image.Image, original: Image.Image, mask: Image.Image, bo
     result = result.convert("RGBA")
     result.alpha_composite(kept.convert("RGBA"))
     return result.convert("RGB")
+
+
+def to_images(pixels: torch.Tensor) -> list[Image.Image]:
+    """VAE output in [-1, 1] → 8-bit RGB images (rescaled in the model's dtype, then rounded in
+    float32, in diffusers' order, so fp16/bf16 images match the reference's too)."""
+    array = ((pixels / 2 + 0.5).clamp(0, 1).float() * 255).round().to(torch.uint8)
+    return [Image.fromarray(np.ascontiguousarray(a)) for a in array.permute(0, 2, 3, 1).cpu().numpy()]

@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
@@ -21,16 +20,9 @@ from ..models.tokenizer import Tokenizer
 from ..samplers import Sampler, make_sampler
 from ..samplers.cfg import CFGBatch
 from .controls import ControlNetInput, T2IAdapterInput
-from .editing import IMG2IMG_STRENGTH, INPAINT_STRENGTH, Inpainting, first_step, img2img_latents, noise
-from .image_processing import binary_mask, crop_box, paste_back, size_of, vae_pixels
+from .editing import Inpainting, noise, picture_start
+from .image_processing import paste_back, size_of, to_images
 from .long_prompts import pad_with_empty, prompt_ids
-
-
-def to_images(pixels: torch.Tensor) -> list[Image.Image]:
-    """VAE output in [-1, 1] → 8-bit RGB images (rescaled in the model's dtype, then rounded in
-    float32, in diffusers' order, so fp16/bf16 images match the reference's too)."""
-    array = ((pixels / 2 + 0.5).clamp(0, 1).float() * 255).round().to(torch.uint8)
-    return [Image.fromarray(np.ascontiguousarray(a)) for a in array.permute(0, 2, 3, 1).cpu().numpy()]
 
 
 DEFAULT_SIZE = 512  # SD1.5's training resolution, the size without an init image
@@ -73,7 +65,7 @@ class StableDiffusion:
         (``long_prompts``). ``which`` names the text in the warning about words truncation drops."""
         ids = prompt_ids(self.tokenizer, prompt, long_prompt, which).to(self.device)
         hidden = self.text_encoder(ids, clip_skip=clip_skip)
-        return hidden.reshape(1, -1, hidden.shape[-1])  # the chunks one after another
+        return hidden.reshape(1, -1, hidden.shape[-1])  # (1, 77 · chunks, width): the chunks one after another
 
     @torch.no_grad()
     def denoise(self, latents: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None, sampler: Sampler,
@@ -151,21 +143,13 @@ class StableDiffusion:
             uncond = pad_with_empty(uncond, cond.shape[1], self.encode_prompt(""))
         sampling = make_sampler(sampler, steps, eta)
         generator = torch.Generator("cpu").manual_seed(seed)
-        start, inpainting, box = 0, None, None
         if init_image is None:
             latents = noise(generator, num_images, height, width) * sampling.init_noise_sigma
+            start, inpainting, box = 0, None, None
         else:
-            strength = strength if strength is not None else INPAINT_STRENGTH if mask is not None else IMG2IMG_STRENGTH
-            start = first_step(steps, strength)
-            box = crop_box(mask, width, height, mask_crop) if mask is not None and mask_crop is not None else None
-            resize = "stretch" if box is None else "fill"
-            pixels = vae_pixels(init_image, width, height, resize, box).to(self.device)
-            if mask is None:
-                latents = img2img_latents(self.vae, sampling, generator, pixels, num_images, start)
-            else:
-                repaint = binary_mask(mask, width, height, resize, box).to(self.device)
-                latents, inpainting = Inpainting.start(self.vae, sampling, generator, pixels, repaint, num_images,
-                                                       start, strength, self.unet.cfg.in_channels)
+            latents, start, inpainting, box = picture_start(self.vae, sampling, generator, init_image, mask, width,
+                                                            height, num_images, strength, mask_crop,
+                                                            self.unet.cfg.in_channels, self.device)
         latents = self.denoise(latents.to(self.device, self.dtype), cond, uncond, sampling, guidance, hook, start,
                                inpainting, guides, progress, generator)
         images = to_images(self.vae.decode(latents))

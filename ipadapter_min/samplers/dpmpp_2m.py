@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 
 from .sampler import Sampler
-from .schedule import SD15, NoiseSchedule, linspace
+from .schedule import SD15, NoiseSchedule
+from .sigmas import karras_sigmas, linspace, sigma_to_t
 
 
 def alpha_sigma(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,8 +39,8 @@ class DPMPlusPlus2M(Sampler):
     def __init__(self, steps: int, karras: bool = False, schedule: NoiseSchedule = SD15):
         super().__init__(steps, schedule)
         if karras:
-            sigmas = schedule.karras_sigmas(steps, schedule.sigmas[0].item(), schedule.sigmas[-1].item())
-            self.timesteps = schedule.sigma_to_t(sigmas).round().long()
+            sigmas = karras_sigmas(steps, schedule.sigmas[0].item(), schedule.sigmas[-1].item())
+            self.timesteps = sigma_to_t(schedule, sigmas).round().long()
         else:
             self.timesteps = linspace(0, schedule.train_steps - 1, steps + 1).round().flip(0)[:-1].long()
             sigmas = schedule.sigmas[self.timesteps]

@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 
 from .sampler import Sampler
-from .schedule import SD15, NoiseSchedule, linspace
+from .schedule import SD15, NoiseSchedule
+from .sigmas import linspace, sigma_at
 
 
 class Euler(Sampler):
@@ -20,7 +21,7 @@ class Euler(Sampler):
     def __init__(self, steps: int, schedule: NoiseSchedule = SD15):
         super().__init__(steps, schedule)
         self.timesteps = linspace(0, schedule.train_steps - 1, steps).flip(0).float()
-        self.sigmas = torch.cat([schedule.sigma_at(self.timesteps), torch.zeros(1)])  # σ of each step, then 0
+        self.sigmas = torch.cat([sigma_at(schedule, self.timesteps), torch.zeros(1)])  # σ of each step, then 0
         self.init_noise_sigma = self.sigmas.max()
 
     def scale_input(self, x: torch.Tensor, i: int) -> torch.Tensor:

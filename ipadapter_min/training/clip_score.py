@@ -22,7 +22,7 @@ from PIL import Image
 
 from ..formats.files import Checkpoint, one_line, read_state_dict
 from ..loading.checked import assign, build_checked
-from ..models.image_encoder import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, preprocess
+from ..models.clip_preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, preprocess
 
 DEFAULT_MODEL = "ViT-L-14"
 CONFIG_BESIDE_WEIGHTS = "open_clip_config.json"  # what open_clip repositories on the hub ship

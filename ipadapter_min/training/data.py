@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from ..formats.files import FileFormatError, one_line, shown
-from ..models.image_encoder import preprocess
+from ..models.clip_preprocess import preprocess
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 

@@ -74,10 +74,16 @@ def test_smoke_run_of_every_stage_gives_weights_sample_loads(tmp_path, monkeypat
                         "--out", str(tmp_path / "image.png")]) == 0
     assert (tmp_path / "text.png").is_file() and (tmp_path / "image.png").is_file()
 
+    # the UNet's snapshot, a learning curve's point
+    snapshot = out / "unet" / "snapshots" / "unet-3.safetensors"
+    assert demo_cli.main(["evaluate", "--weights", str(weights), "--unet", str(snapshot), "--text-only",
+                          "--references", "2", "--steps", "2", "--no-progress", "--json", str(tmp_path / "curve.json")]) == 0
+    import json
+    assert set(json.loads((tmp_path / "curve.json").read_text())) == {"references", "steps", "guidance", "text_to_image"}
+
     # the judged evaluation runs end to end (its figures mean nothing after a smoke run)
     assert demo_cli.main(["evaluate", "--weights", str(weights), "--references", "2", "--steps", "2", "--no-progress",
                           "--pictures", str(tmp_path / "pictures"), "--json", str(tmp_path / "report.json")]) == 0
-    import json
     report = json.loads((tmp_path / "report.json").read_text())
     assert set(report["image_prompt"]) == {"lambda 0.0", "lambda 0.5", "lambda 1.0"}
     assert set(report["clip_scores"]["lambda 1.0"]) == {"clip_i", "clip_t"}

@@ -51,14 +51,24 @@ class DenoiserTraining:
         self.text_encoder, self.scaling = text_encoder.eval().requires_grad_(False), vae.cfg.scaling_factor
         self.dataset, self.seed, self.batch = dataset, seed, batch
         self.tokenizer, self.schedule = Tokenizer(), SD15
+        self.states: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def text_states(self, captions: list[str]) -> torch.Tensor:
+        """The frozen text encoder's states, (B, 77, width): each caption's computed once, and alone, as
+        the pipeline computes a prompt's, so a state never depends on the batch it first came in. The
+        world has about 48,000 captions (1.9 GB of states); encoding them took a fifth of a step."""
+        for caption in dict.fromkeys(captions):
+            if caption not in self.states:
+                self.states[caption] = self.text_encoder(self.tokenizer([caption]))[0]
+        return torch.stack([self.states[caption] for caption in captions])
 
     def loss(self, step: int) -> torch.Tensor:
         rng = random.Random(self.seed * 1_000_003 + step)
         generator = torch.Generator().manual_seed(self.seed * 7919 + step)
         rows = torch.tensor([rng.randrange(len(self.dataset["scenes"])) for _ in range(self.batch)])
         scenes = [scene_from_index(self.dataset["scenes"][i].tolist()) for i in rows.tolist()]
-        with torch.no_grad():
-            text = self.text_encoder(self.tokenizer([training_caption(s, rng) for s in scenes]))
+        text = self.text_states([training_caption(s, rng) for s in scenes])
         mean, std = self.dataset["mean"][rows], self.dataset["std"][rows]
         latents = (mean + std * torch.randn(mean.shape, generator=generator)) * self.scaling
         noise = torch.randn(latents.shape, generator=generator)

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from ..cli.evaluate import main as evaluate_main
 from ..formats.files import read_state_dict, save_safetensors, write_atomically
+from ..loading.sd15 import load_part
 from ..pipelines.image_prompts import IPAdapterPipeline
 from .clip import open_clip_checkpoint
 from .judge import load_judge, predict
@@ -34,6 +35,12 @@ from .world import ATTRIBUTES, SHAPES, full_caption, render, scenes
 HELD_OUT_SEED = 77_777  # no training stage draws scenes from this seed
 LAMBDAS = (0.0, 0.5, 1.0)
 TEXT_AND_IMAGE_LAMBDA = 0.5
+
+
+def held_out_references(count: int) -> tuple[list, list[Image.Image]]:
+    """The evaluation's reference scenes and their renders: scenes no training stage saw."""
+    held_out = scenes(count, HELD_OUT_SEED)
+    return held_out, [render(scene, HELD_OUT_SEED + i) for i, scene in enumerate(held_out)]
 
 
 def agreement(readings: list[dict[str, str]], truths: list) -> dict[str, float]:
@@ -98,24 +105,36 @@ def grid(rows: list[list[Image.Image]], labels: list[str], cell: int = 96) -> Im
 
 @torch.no_grad()
 def evaluate_demo(weights: Path, count: int = 200, steps: int = 30, guidance: float = 7.5,
-                  pictures: Path | None = None, progress: bool = True) -> dict:
+                  pictures: Path | None = None, progress: bool = True, unet: Path | None = None,
+                  text_only: bool = False) -> dict:
+    """The judged tables; ``unet``: another UNet file in place of the folder's (a training snapshot);
+    ``text_only``: text to image alone (a learning curve's point)."""
     pipe = IPAdapterPipeline.from_files(weights, weights / "ip_adapter.safetensors", weights / "image_encoder.safetensors")
+    if unet is not None:
+        other = load_part(unet, "unet").eval()
+        if other.cfg != pipe.sd.unet.cfg:
+            raise ValueError(f"{unet}: a UNet of another shape than {weights}'s ({other.cfg} vs {pipe.sd.unet.cfg})")
+        pipe.sd.unet = other
     judge = load_judge(weights / "judge.safetensors")
-    held_out = scenes(count, HELD_OUT_SEED)
-    references = [(scene, render(scene, HELD_OUT_SEED + i)) for i, scene in enumerate(held_out)]
+    held_out, images = held_out_references(count)
+    references = list(zip(held_out, images))
     settings = dict(steps=steps, guidance=guidance, width=64, height=64, progress=False)
 
     made: dict[str, list[Image.Image]] = {"text": [], "text+image": [], **{f"lambda {s}": [] for s in LAMBDAS}}
     for i, (scene, reference) in enumerate(tqdm(references, desc="generating", disable=not progress)):
         made["text"] += pipe.sd(full_caption(scene), seed=i, **settings)
+        if text_only:
+            continue
         for scale in LAMBDAS:
             made[f"lambda {scale}"] += pipe("", [reference], scale=scale, seed=i, **settings)
         made["text+image"] += pipe(f"a {other_shape(scene, i)}", [reference], scale=TEXT_AND_IMAGE_LAMBDA, seed=i,
                                    **settings)
-    readings = {name: predict(judge, images) for name, images in made.items()}
+    readings = {name: predict(judge, images) for name, images in made.items() if images}
     report = {"references": count, "steps": steps, "guidance": guidance,
-              "text_to_image": agreement(readings["text"], held_out),
-              "image_prompt": {name: agreement(readings[name], held_out) for name in made if name.startswith("lambda")}}
+              "text_to_image": agreement(readings["text"], held_out)}
+    if text_only:
+        return report
+    report["image_prompt"] = {name: agreement(readings[name], held_out) for name in made if name.startswith("lambda")}
     followed = [r["shape"] == other_shape(s, i) and r["color"] == s.color
                 for i, (r, s) in enumerate(zip(readings["text+image"], held_out))]
     report["text_and_image"] = {"lambda": TEXT_AND_IMAGE_LAMBDA, "shape_from_text_colour_from_image": sum(followed) / count}

@@ -50,6 +50,7 @@ ADAPTER = Settings(steps=2000, batch=64, lr=1e-4, weight_decay=1e-2, seed=4, smo
 ADAPTER_IMAGES = 20_000
 JUDGE = Settings(steps=2000, batch=64, lr=3e-3, weight_decay=0.0, seed=5)  # ≥ 99.6% per attribute (measured)
 JUDGE_GATE = 0.98  # its verdicts count only above this, per attribute, on held-out renders
+UNET_SNAPSHOTS = (2000, 4000, 6000, 10_000, 15_000)  # the EMA UNet kept at these steps (OUT/unet/snapshots/)
 UNET_IMAGES = 60_000  # rendered and encoded once; 15,840 attribute combinations, each ~4× with jitter
 SMOKE_BATCH = 8
 
@@ -132,10 +133,20 @@ def train_unet(out: Path, smoke: bool = False, progress: bool = True) -> dict:
         folder.mkdir(parents=True, exist_ok=True)
         write_atomically(dataset_path, lambda tmp: torch.save(dataset, tmp))
     training = DenoiserTraining(text_encoder, vae, dataset, s.seed, batch)
+    snapshots = (steps,) if smoke else UNET_SNAPSHOTS
+
+    def export_ema(path: Path) -> None:
+        export_part({f"unet.{k}": v for k, v in training.ema.state_dict().items()}, path,
+                    sd15_metadata({"unet": training.ema.cfg}))
+
+    def after_step(step: int) -> None:
+        training.update_ema(step)
+        if step + 1 in snapshots:  # for the learning curve: `demo evaluate --unet` on each
+            export_ema(folder / "snapshots" / f"unet-{step + 1}.safetensors")
+
     run_stage("unet", folder, {"unet": training.unet, "ema": training.ema}, training.loss, steps,
-              schedule(s.lr, steps), s.weight_decay, progress=progress, after_step=training.update_ema)
-    export_part({f"unet.{k}": v for k, v in training.ema.state_dict().items()}, weights / "unet.safetensors",
-                sd15_metadata({"unet": training.ema.cfg}))
+              schedule(s.lr, steps), s.weight_decay, progress=progress, after_step=after_step)
+    export_ema(weights / "unet.safetensors")
     report = {"steps": steps}
     write_report(folder, report)
     return report

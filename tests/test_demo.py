@@ -103,3 +103,11 @@ def test_smoke_run_of_every_stage_gives_weights_sample_loads(tmp_path, monkeypat
     assert Image.open(tmp_path / "default.png").tobytes() == Image.open(tmp_path / "text.png").tobytes()
     monkeypatch.setattr(demo, "WEIGHTS", tmp_path / "nowhere")
     assert sample.main(["--prompt", "x", "--out", str(tmp_path / "none.png")]) == 2
+
+
+def test_evaluate_refuses_a_unet_file_that_is_not_one(capsys):
+    vae = demo.WEIGHTS / "vae.safetensors"
+    assert demo_cli.main(["evaluate", "--unet", str(vae), "--text-only", "--references", "1", "--steps", "1",
+                          "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(vae) in err, err

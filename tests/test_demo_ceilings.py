@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from ipadapter_min import demo
-from ipadapter_min.demo.ceilings import attribute_labels, ceilings, linear_probe
+from ipadapter_min.demo.ceilings import ceilings, linear_probe
 from ipadapter_min.demo.evaluation import held_out_references
+from ipadapter_min.demo.judge import attribute_labels
 from ipadapter_min.demo.world import ATTRIBUTES, scenes
 
 

@@ -26,7 +26,7 @@ from ..models.image_encoder import ImageEncoder
 from ..models.vae import VAE
 from ..pipelines.image_processing import to_images
 from .batches import draw_scenes, to_unit_range
-from .judge import Judge, accuracy, load_judge
+from .judge import accuracy, attribute_labels, load_judge
 from .world import ATTRIBUTES, Scene
 
 PROBE_SEED = 31_337  # the probes' training renders: a seed no training stage draws from
@@ -51,10 +51,6 @@ def adapter_features(encoder: ImageEncoder, images: Sequence[Image.Image]) -> di
         embeds.append(e)
         tokens.append(p)
     return {"base": torch.cat(embeds), "plus": torch.cat(tokens)}
-
-
-def attribute_labels(scenes: Sequence[Scene]) -> dict[str, torch.Tensor]:
-    return {name: torch.tensor([values.index(s.attribute(name)) for s in scenes]) for name, values in ATTRIBUTES.items()}
 
 
 def linear_probe(train: torch.Tensor, train_labels: dict[str, torch.Tensor], test: torch.Tensor,
@@ -87,10 +83,9 @@ def rendered(seed: int, count: int) -> tuple[list[Scene], list[Image.Image]]:
     return scenes, images
 
 
-def ceilings(weights: Path, held_out: Sequence[Scene], references: Sequence[Image.Image], probe_images: int,
-             judge: Judge | None = None) -> dict:
+def ceilings(weights: Path, held_out: Sequence[Scene], references: Sequence[Image.Image], probe_images: int) -> dict:
     """The judge on the held-out renders and after the VAE's round trip; each adapter variant's probe."""
-    judge = judge or load_judge(weights / "judge.safetensors")
+    judge = load_judge(weights / "judge.safetensors")
     vae = load_part(weights / "vae.safetensors", "vae").eval()
     report = {"judge_on_renders": accuracy(judge, held_out, references),
               "judge_after_vae_round_trip": accuracy(judge, held_out, vae_round_trip(vae, references))}

@@ -87,10 +87,11 @@ def _batch(seed: int, step: int, batch_size: int) -> tuple[torch.Tensor, dict]:
     offset = MAX_OFFSET * (2 * torch.rand(n, 1, 1, 1, generator=generator) - 1)
     noise = MAX_NOISE * torch.rand(n, 1, 1, 1, generator=generator) * torch.randn(pixels.shape, generator=generator)
     pixels = (pixels * gain + offset + noise).clamp(0, 1)
-    return pixels, _labels(scenes)
+    return pixels, attribute_labels(scenes)
 
 
-def _labels(scenes: Sequence[Scene]) -> dict[str, torch.Tensor]:
+def attribute_labels(scenes: Sequence[Scene]) -> dict[str, torch.Tensor]:
+    """Each attribute's value index per scene: the heads' targets (and the probes')."""
     return {name: torch.tensor([values.index(s.attribute(name)) for s in scenes])
             for name, values in ATTRIBUTES.items()}
 
